@@ -1,0 +1,161 @@
+"""The `caffeonnx` command line: thin typer commands over the Python API.
+
+User errors (CaffeOnnxError) become one line on stderr and exit code 2; anything
+else is a bug and keeps its traceback.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from caffeonnx.errors import CaffeOnnxError
+
+app = typer.Typer(
+    help="Caffe <-> ONNX conversion, Caffe-exact training and ONNX Runtime serving.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+out = Console()
+err = Console(stderr=True)
+
+OutOption = Annotated[Path, typer.Option("-o", "--output", help="File to write (written atomically).")]
+BatchOption = Annotated[Optional[int], typer.Option("--batch", help="Fix the batch dimension (default: dynamic).")]
+OpsetOption = Annotated[int, typer.Option("--opset", help="ONNX opset to target.")]
+PhaseOption = Annotated[str, typer.Option("--phase", help="Caffe phase whose layers to convert: TEST or TRAIN.")]
+InputShapeOption = Annotated[
+    Optional[list[str]],
+    typer.Option("--input-shape", help="NAME=D0,D1,... for inputs whose shape the prototxt does not give."),
+]
+
+
+def _options(opset: int = 21, batch: int | None = None, phase: str = "TEST", input_shape: list[str] | None = None, **kw: object):
+    from caffeonnx.converter.context import ConvertOptions
+    from caffeonnx.proto import caffe_pb2
+
+    phase_up = phase.upper()
+    if phase_up not in ("TEST", "TRAIN"):
+        raise CaffeOnnxError(f"--phase must be TEST or TRAIN, got {phase!r}")
+    shapes: dict[str, tuple[int, ...]] = {}
+    for item in input_shape or []:
+        name, sep, dims = item.partition("=")
+        try:
+            if not sep or not name:
+                raise ValueError
+            shapes[name] = tuple(int(d) for d in dims.split(","))
+        except ValueError:
+            raise CaffeOnnxError(f"--input-shape expects NAME=D0,D1,..., got {item!r}") from None
+    if batch is not None and batch <= 0:
+        raise CaffeOnnxError(f"--batch must be positive, got {batch}")
+    return ConvertOptions(opset=opset, batch=batch, phase=caffe_pb2.Phase.Value(phase_up), input_shapes=shapes, **kw)
+
+
+@app.command()
+def convert(
+    prototxt: Annotated[Path, typer.Argument(help="Caffe net definition (.prototxt).")],
+    weights: Annotated[Optional[Path], typer.Argument(help="Trained weights (.caffemodel); fillers otherwise.")] = None,
+    output: OutOption = Path("model.onnx"),
+    all_blobs: Annotated[bool, typer.Option("--all-blobs", help="Make every Caffe blob a graph output.")] = False,
+    opset: OpsetOption = 21,
+    batch: BatchOption = None,
+    fp16: Annotated[bool, typer.Option("--fp16", help="Store weights as float16.")] = False,
+    phase: PhaseOption = "TEST",
+    input_shape: InputShapeOption = None,
+    init_missing: Annotated[
+        bool, typer.Option("--init-missing", help="Initialise layers missing from the caffemodel with their fillers.")
+    ] = False,
+    seed: Annotated[int, typer.Option("--seed", help="Seed for filler initialisation.")] = 0,
+) -> None:
+    """Convert a Caffe prototxt (+ caffemodel) to ONNX."""
+    from caffeonnx.converter.caffe_to_onnx import convert_files
+
+    opts = _options(opset, batch, phase, input_shape, all_blobs=all_blobs, fp16=fp16, init_missing=init_missing, seed=seed)
+    with err.status(f"converting {prototxt.name}"):
+        converted = convert_files(prototxt, weights, opts)
+        converted.save(output)
+    n_params = sum(a.size for a in converted.weights.values())
+    out.print(
+        f"wrote {output} ({len(converted.model.graph.node)} nodes, {len(converted.weights)} initializers, "
+        f"{n_params:,} parameters)"
+    )
+
+
+def _print_checks(checks: list, atol: float, rtol: float) -> bool:
+    table = Table(title=f"blobs vs reference (atol {atol:g}, rtol {rtol:g})")
+    for col in ("blob", "layer", "shape", "max abs err", "max rel err", ""):
+        table.add_column(col)
+    for c in checks:
+        table.add_row(c.blob, c.layer, "x".join(map(str, c.shape)), f"{c.max_abs:.3g}", f"{c.max_rel:.3g}",
+                      ("ok" if c.ok else "[red]FAIL[/red]") + (f" {c.note}" if c.note else ""))
+    out.print(table)
+    bad = [c for c in checks if not c.ok]
+    if bad:
+        out.print(f"[red]{len(bad)} of {len(checks)} blobs differ[/red]; worst: {bad[0].blob!r} (layer {bad[0].layer!r})")
+    else:
+        out.print(f"all {len(checks)} blobs match")
+    return not bad
+
+
+@app.command()
+def verify(
+    prototxt: Annotated[Path, typer.Argument(help="Caffe net definition (.prototxt).")],
+    weights: Annotated[Path, typer.Argument(help="Trained weights (.caffemodel).")],
+    inputs: Annotated[Path, typer.Option("--inputs", help=".npz with one array per input blob.")],
+    reference: Annotated[Path, typer.Option("--reference", help=".npz of Caffe's blobs after forward.")],
+    atol: Annotated[float, typer.Option("--atol")] = 1e-5,
+    rtol: Annotated[float, typer.Option("--rtol")] = 1e-4,
+    phase: PhaseOption = "TEST",
+) -> None:
+    """Convert and compare every blob with a Caffe dump; prints the worst error per blob."""
+    from caffeonnx.converter.verify import verify_files
+
+    checks = verify_files(prototxt, weights, inputs, reference, atol, rtol, _options(phase=phase))
+    if not _print_checks(checks, atol, rtol):
+        raise typer.Exit(1)
+
+
+@app.command()
+def layers(
+    markdown: Annotated[bool, typer.Option("--markdown", help="Print the docs table.")] = False,
+) -> None:
+    """List the supported Caffe layer types."""
+    from caffeonnx.converter.docs import supported_layers_markdown
+    from caffeonnx.converter.registry import supported_layers
+
+    if markdown:
+        out.print(supported_layers_markdown(), markup=False, highlight=False)
+        return
+    for h in supported_layers():
+        out.print(f"{h.layer_type:<26} {h.summary}", markup=False, highlight=False)
+
+
+@app.command()
+def demo(
+    workdir: Annotated[Path, typer.Option("--workdir", help="Where to write the demo's files.")] = Path("caffeonnx-demo"),
+) -> None:
+    """Convert the bundled tied autoencoder and verify it against Caffe's own blobs."""
+    from caffeonnx.demo import run_demo
+
+    if not run_demo(workdir, out):
+        raise typer.Exit(1)
+
+
+def main() -> None:
+    """Console-script entry point: maps user errors to one line and exit code 2."""
+    try:
+        app()
+    except CaffeOnnxError as exc:
+        err.print(f"[bold red]error:[/bold red] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

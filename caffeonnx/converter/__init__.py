@@ -1,0 +1,1 @@
+"""Caffe <-> ONNX conversion (ONNX is the hub every other part builds on)."""

@@ -1,0 +1,280 @@
+"""Caffe net (+ weights) -> ONNX: the driver that walks layers and calls handlers.
+
+Naming: graph inputs are the Caffe input blobs; every Caffe blob name is the ONNX
+value holding what Caffe's blob holds after forward.  When in-place layers write a
+blob several times, the earlier writes are named `<blob>@<writer layer>`.
+"""
+from __future__ import annotations
+
+import os
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import ModelProto, TensorProto, helper
+
+from caffeonnx import __version__
+from caffeonnx.converter import metadata
+from caffeonnx.converter.caffe_io import CaffeWeights, read_caffemodel, read_prototxt
+from caffeonnx.converter.context import ConvertOptions, GraphBuilder, LayerContext
+from caffeonnx.converter.onnx_io import check_and_type_outputs, save_streaming, to_model_proto
+from caffeonnx.converter.registry import get_handler
+from caffeonnx.converter.upgrade import upgrade_net
+from caffeonnx.errors import LayerError, UnsupportedError, WeightsError
+from caffeonnx.proto import caffe_pb2
+
+BATCH_SYMBOL = "N"
+
+
+def _meets_rule(rule: caffe_pb2.NetStateRule, opts: ConvertOptions) -> bool:
+    """Caffe's Net::StateMeetsRule."""
+    if rule.HasField("phase") and rule.phase != opts.phase:
+        return False
+    if rule.HasField("min_level") and opts.level < rule.min_level:
+        return False
+    if rule.HasField("max_level") and opts.level > rule.max_level:
+        return False
+    if any(s not in opts.stages for s in rule.stage):
+        return False
+    return not any(s in opts.stages for s in rule.not_stage)
+
+
+def filter_layers(net: caffe_pb2.NetParameter, opts: ConvertOptions) -> list[caffe_pb2.LayerParameter]:
+    """The layers Caffe would instantiate for the options' phase/level/stages."""
+    kept = []
+    for layer in net.layer:
+        if layer.include:
+            if any(_meets_rule(r, opts) for r in layer.include):
+                kept.append(layer)
+        elif not any(_meets_rule(r, opts) for r in layer.exclude):
+            kept.append(layer)
+    return kept
+
+
+def check_supported(layers: list[caffe_pb2.LayerParameter], source: str) -> None:
+    """Raise one error listing every unsupported layer type with its layer names."""
+    missing: dict[str, list[str]] = defaultdict(list)
+    for layer in layers:
+        if get_handler(layer.type) is None:
+            missing[layer.type].append(layer.name)
+    if missing:
+        parts = [f"{t} ({len(n)}: {', '.join(repr(x) for x in n)})" for t, n in sorted(missing.items())]
+        raise UnsupportedError(
+            f"{source}: {sum(len(n) for n in missing.values())} layer(s) of unsupported type: "
+            + "; ".join(parts)
+            + ". See 'caffeonnx layers' for the supported types."
+        )
+
+
+@dataclass
+class ConvertedModel:
+    """A converted graph plus its weights, kept apart so large models stream to disk."""
+
+    model: ModelProto  # graph without initializers
+    weights: dict[str, np.ndarray]  # initializer name -> array (Caffe param blobs)
+
+    def to_proto(self) -> ModelProto:
+        """A self-contained onnx.ModelProto."""
+        return to_model_proto(self.model, self.weights)
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the .onnx file atomically, streaming the weights."""
+        save_streaming(path, self.model, self.weights)
+
+
+def _top_names(layers: list[caffe_pb2.LayerParameter], builder: GraphBuilder) -> list[list[str]]:
+    """ONNX value names of every layer's tops (the last write of a blob keeps its name)."""
+    writes = Counter(t for layer in layers for t in layer.top)
+    input_blobs = {t for layer in layers if get_handler(layer.type) and _is_data(layer) for t in layer.top}
+    seen: Counter[str] = Counter()
+    for blob in writes:
+        builder.reserve(blob)
+    names = []
+    for layer in layers:
+        tops = []
+        for t in layer.top:
+            seen[t] += 1
+            first_input_write = t in input_blobs and seen[t] == 1
+            if seen[t] == writes[t] and (t not in input_blobs or first_input_write):
+                tops.append(t)
+            elif first_input_write:
+                tops.append(t)
+            else:
+                tops.append(builder.unique(f"{t}@{layer.name}"))
+        names.append(tops)
+    return names
+
+
+_DATA_TYPES = {"Input", "Data", "MemoryData", "HDF5Data", "DummyData", "ImageData", "WindowData"}
+
+
+def _is_data(layer: caffe_pb2.LayerParameter) -> bool:
+    return layer.type in _DATA_TYPES
+
+
+def convert_net(
+    net: caffe_pb2.NetParameter,
+    weights: CaffeWeights | None = None,
+    options: ConvertOptions | None = None,
+    source: str = "<net>",
+) -> ConvertedModel:
+    """Convert an (upgraded) NetParameter and optional weights to ONNX."""
+    opts = options or ConvertOptions()
+    layers = filter_layers(net, opts)
+    check_supported(layers, source)
+    if weights is not None:
+        _check_weights_cover(layers, weights, opts)
+    builder = GraphBuilder(opts, source)
+    tops_per_layer = _top_names(layers, builder)
+    current: dict[str, str] = {}
+    records: list[metadata.LayerRecord] = []
+    producers: dict[str, tuple[int, int]] = {}
+    consumers: Counter[tuple[int, int]] = Counter()
+    available: dict[str, None] = {}
+    for i, (layer, tops) in enumerate(zip(layers, tops_per_layer)):
+        bottoms = []
+        for b in layer.bottom:
+            if b not in current:
+                raise LayerError(
+                    layer.name, layer.type,
+                    f"bottom blob {b!r} is produced by no earlier layer (Caffe: Unknown bottom blob) in "
+                    f"{source}; check the layer order, the blob names and the phase (--phase)",
+                )
+            bottoms.append(current[b])
+            consumers[producers[b]] += 1
+            available.pop(b, None)
+        blobs = None
+        if weights is not None:
+            blobs = weights.blobs.get(layer.name)
+        ctx = LayerContext(builder, layer, bottoms, tops, blobs, str(weights.path) if weights else None)
+        handler = get_handler(layer.type)
+        assert handler is not None
+        handler.convert(layer, ctx)
+        ctx.finish()
+        for j, (t, name) in enumerate(zip(layer.top, tops)):
+            if name not in builder.shapes:
+                raise RuntimeError(f"{layer.type} handler did not set the shape of top {t!r}")
+            current[t] = name
+            producers[t] = (i, j)
+            available[t] = None
+        for j, w in enumerate(layer.loss_weight):
+            if w and j < len(layer.top):
+                consumers[(i, j)] += 1
+        params_used = [n for n, p in builder.params.params.items() if any(u[0] == layer.name for u in p.users)]
+        records.append(metadata.LayerRecord(layer.name, layer.type, bottoms, tops, params_used))
+
+    outputs = [current[b] for b in available]
+    if opts.all_blobs:
+        outputs = list(dict.fromkeys([*outputs, *(current[b] for b in current)]))
+        outputs += _split_blobs(layers, tops_per_layer, consumers, builder)
+    inputs = {name for name, _, _ in builder.inputs}
+    outputs = [o for o in outputs if o not in inputs or o in available]
+
+    graph_inputs = []
+    for name, shape, dtype in builder.inputs:
+        dims: list[int | str] = list(shape)
+        if opts.batch is None and dims:
+            dims[0] = BATCH_SYMBOL
+        graph_inputs.append(helper.make_tensor_value_info(name, dtype, dims))
+    graph = helper.make_graph(
+        builder.nodes,
+        net.name or "caffe_net",
+        graph_inputs,
+        [helper.make_tensor_value_info(o, builder.dtypes.get(o, TensorProto.FLOAT), None) for o in outputs],
+    )
+    model = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", opts.opset)],
+        producer_name="caffeonnx",
+        producer_version=__version__,
+    )
+    model.ir_version = helper.find_min_ir_version_for(list(model.opset_import))
+    for key, value in metadata.build_metadata(net, opts.phase, records, builder.params).items():
+        model.metadata_props.append(onnx.StringStringEntryProto(key=key, value=value))
+    arrays = {}
+    for p in builder.params.params.values():
+        arrays[p.name] = p.data.astype(np.float16) if opts.fp16 else p.data
+    check_and_type_outputs(model, arrays)
+    return ConvertedModel(model, arrays)
+
+
+def _check_weights_cover(layers: list[caffe_pb2.LayerParameter], weights: CaffeWeights, opts: ConvertOptions) -> None:
+    """Every layer with params must find its blobs in the caffemodel (unless --init-missing)."""
+    if opts.init_missing:
+        return
+    missing = [layer.name for layer in layers if layer.name not in weights.blobs and _has_params(layer)]
+    if missing:
+        raise WeightsError(
+            f"{weights.path}: no weights for layer(s) {', '.join(repr(m) for m in missing)}; is this caffemodel "
+            "from another net? (use --init-missing to initialise them from their fillers)"
+        )
+
+
+def _has_params(layer: caffe_pb2.LayerParameter) -> bool:
+    return layer.type in {
+        "InnerProduct", "Convolution", "Deconvolution", "BatchNorm", "Scale", "Bias", "PReLU", "Embed",
+    } and not (layer.type in ("Scale", "Bias") and len(layer.bottom) > 1)
+
+
+def _split_blobs(
+    layers: list[caffe_pb2.LayerParameter],
+    tops_per_layer: list[list[str]],
+    consumers: Counter[tuple[int, int]],
+    builder: GraphBuilder,
+) -> list[str]:
+    """Identity outputs named like the Split blobs Caffe inserts for fanned-out tops."""
+    outs = []
+    for (i, j), count in sorted(consumers.items()):
+        if count < 2:
+            continue
+        layer = layers[i]
+        for k in range(count):
+            name = f"{layer.top[j]}_{layer.name}_{j}_split_{k}"
+            if name in builder.shapes:
+                continue
+            builder.reserve(name)
+            src = tops_per_layer[i][j]
+            builder.add_node("Identity", [src], [name], f"{name}/split")
+            builder.shapes[name] = builder.shapes[src]
+            outs.append(name)
+    return outs
+
+
+def load_net(prototxt: str | os.PathLike[str]) -> caffe_pb2.NetParameter:
+    """Read and upgrade a net prototxt."""
+    return upgrade_net(read_prototxt(prototxt), str(prototxt))
+
+
+def load_weights(caffemodel: str | os.PathLike[str]) -> CaffeWeights:
+    """Read a caffemodel; its V0/V1 layers are upgraded so names match the net."""
+    weights = read_caffemodel(caffemodel)
+    if weights.net.layers:
+        blobs = weights.blobs
+        upgrade_net(weights.net, str(caffemodel))
+        weights.blobs = blobs
+    return weights
+
+
+def convert_files(
+    prototxt: str | os.PathLike[str],
+    caffemodel: str | os.PathLike[str] | None = None,
+    options: ConvertOptions | None = None,
+) -> ConvertedModel:
+    """Convert a prototxt (+ caffemodel) to a ConvertedModel (weights not yet copied)."""
+    net = load_net(prototxt)
+    weights = load_weights(caffemodel) if caffemodel is not None else None
+    return convert_net(net, weights, options, source=str(Path(prototxt)))
+
+
+def convert(
+    prototxt: str | os.PathLike[str],
+    caffemodel: str | os.PathLike[str] | None = None,
+    **options: object,
+) -> ModelProto:
+    """Convert a Caffe prototxt (+ caffemodel) to an onnx.ModelProto.
+
+    Keyword options are those of ConvertOptions (opset, batch, all_blobs, fp16, ...).
+    """
+    return convert_files(prototxt, caffemodel, ConvertOptions(**options)).to_proto()  # type: ignore[arg-type]

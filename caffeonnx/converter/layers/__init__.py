@@ -1,0 +1,1 @@
+"""Caffe layer handlers, one module per layer family (discovered by the registry)."""

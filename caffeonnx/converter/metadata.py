@@ -1,0 +1,99 @@
+"""What ONNX has no place for, kept in `ModelProto.metadata_props` so a converted
+model can return to Caffe and be trained with Caffe's semantics.
+
+Keys (all values are strings):
+- `caffeonnx.format`: version of this layout ("1").
+- `caffe.net`: the upgraded NetParameter as prototxt text, every phase's layers,
+  blobs stripped: layer names and types, param names, lr_mult, decay_mult,
+  share_mode, fillers, include/exclude rules, loss_weight, every *_param.
+- `caffe.phase`: the phase the graph was converted for (TRAIN or TEST).
+- `caffe.layers`: JSON list, one entry per converted layer in order:
+  {"name", "type", "bottoms": [ONNX values], "tops": [ONNX values], "params": [initializers]}.
+- `caffe.params`: JSON list, one entry per initializer: {"name", "caffe_name",
+  "shape", "lr_mult", "decay_mult", "share_mode", "users": [[layer, blob index]]}.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from google.protobuf import text_format
+from onnx import ModelProto
+
+from caffeonnx.converter.params import ParamTable
+from caffeonnx.proto import caffe_pb2
+
+FORMAT = "1"
+KEY_FORMAT = "caffeonnx.format"
+KEY_NET = "caffe.net"
+KEY_PHASE = "caffe.phase"
+KEY_LAYERS = "caffe.layers"
+KEY_PARAMS = "caffe.params"
+
+
+@dataclass
+class LayerRecord:
+    """Where one Caffe layer landed in the ONNX graph."""
+
+    name: str
+    type: str
+    bottoms: list[str]
+    tops: list[str]
+    params: list[str]
+
+
+def net_without_blobs(net: caffe_pb2.NetParameter) -> caffe_pb2.NetParameter:
+    """A copy of `net` with every layer's blobs removed."""
+    bare = caffe_pb2.NetParameter()
+    bare.CopyFrom(net)
+    for layer in bare.layer:
+        del layer.blobs[:]
+    return bare
+
+
+def build_metadata(net: caffe_pb2.NetParameter, phase: int, layers: list[LayerRecord], params: ParamTable) -> dict[str, str]:
+    """The metadata_props entries for a converted net."""
+    param_entries = [
+        {
+            "name": p.name,
+            "caffe_name": p.caffe_name,
+            "shape": list(p.shape),
+            "lr_mult": 1.0 if p.lr_mult is None else p.lr_mult,
+            "decay_mult": 1.0 if p.decay_mult is None else p.decay_mult,
+            "share_mode": caffe_pb2.ParamSpec.DimCheckMode.Name(p.share_mode),
+            "users": [[layer, index] for layer, index, _ in p.users],
+        }
+        for p in params.params.values()
+    ]
+    return {
+        KEY_FORMAT: FORMAT,
+        KEY_NET: text_format.MessageToString(net_without_blobs(net)),
+        KEY_PHASE: caffe_pb2.Phase.Name(phase),
+        KEY_LAYERS: json.dumps([r.__dict__ for r in layers]),
+        KEY_PARAMS: json.dumps(param_entries),
+    }
+
+
+def read_metadata(model: ModelProto) -> dict[str, str]:
+    """metadata_props as a dict."""
+    return {p.key: p.value for p in model.metadata_props}
+
+
+def caffe_net_from(model: ModelProto) -> caffe_pb2.NetParameter | None:
+    """The Caffe net stored in a model converted by caffeonnx (None for foreign ONNX)."""
+    text = read_metadata(model).get(KEY_NET)
+    if text is None:
+        return None
+    return text_format.Parse(text, caffe_pb2.NetParameter())
+
+
+def layer_records(model: ModelProto) -> list[LayerRecord]:
+    """The per-layer records of a caffeonnx model ([] for foreign ONNX)."""
+    raw = read_metadata(model).get(KEY_LAYERS)
+    return [LayerRecord(**r) for r in json.loads(raw)] if raw else []
+
+
+def param_records(model: ModelProto) -> list[dict]:
+    """The per-initializer param records of a caffeonnx model ([] for foreign ONNX)."""
+    raw = read_metadata(model).get(KEY_PARAMS)
+    return json.loads(raw) if raw else []
