@@ -119,6 +119,23 @@ def verify(
         raise typer.Exit(1)
 
 
+@app.command("to-caffe")
+def to_caffe(
+    model: Annotated[Path, typer.Argument(help="ONNX model (.onnx).")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Caffe net definition to write (.prototxt).")],
+    weights: Annotated[Optional[Path], typer.Option("--weights", help="Caffe weights to write (.caffemodel).")] = None,
+    batch: BatchOption = None,
+) -> None:
+    """Convert ONNX back to a Caffe prototxt (+ caffemodel); exact for models caffeonnx wrote."""
+    from caffeonnx.converter.onnx_to_caffe import convert_to_caffe_files
+
+    if batch is not None and batch <= 0:
+        raise CaffeOnnxError(f"--batch must be positive, got {batch}")
+    result = convert_to_caffe_files(model, output, weights, batch)
+    n_blobs = sum(len(b) for b in result.blobs.values())
+    out.print(f"wrote {output} ({len(result.net.layer)} layers)" + (f" and {weights} ({n_blobs} blobs)" if weights else ""))
+
+
 @app.command()
 def layers(
     markdown: Annotated[bool, typer.Option("--markdown", help="Print the docs table.")] = False,

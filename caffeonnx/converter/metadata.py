@@ -10,7 +10,8 @@ Keys (all values are strings):
 - `caffe.layers`: JSON list, one entry per converted layer in order:
   {"name", "type", "bottoms": [ONNX values], "tops": [ONNX values], "params": [initializers]}.
 - `caffe.params`: JSON list, one entry per initializer: {"name", "caffe_name",
-  "shape", "lr_mult", "decay_mult", "share_mode", "users": [[layer, blob index]]}.
+  "shape", "lr_mult", "decay_mult", "share_mode", "users": [[layer, blob index]],
+  "user_shapes": [[layer, blob index, shape]] for users viewing it with another shape}.
 """
 from __future__ import annotations
 
@@ -62,6 +63,8 @@ def build_metadata(net: caffe_pb2.NetParameter, phase: int, layers: list[LayerRe
             "decay_mult": 1.0 if p.decay_mult is None else p.decay_mult,
             "share_mode": caffe_pb2.ParamSpec.DimCheckMode.Name(p.share_mode),
             "users": [[layer, index] for layer, index, _ in p.users],
+            # Users that view the blob with another shape of the same count (PERMISSIVE sharing).
+            "user_shapes": [[layer, index, list(shape)] for layer, index, shape in p.users if shape != p.shape],
         }
         for p in params.params.values()
     ]

@@ -1,0 +1,138 @@
+"""ONNX -> Caffe: a prototxt and a caffemodel, without Caffe installed.
+
+A model written by caffeonnx goes back exactly: the Caffe net kept in its metadata
+(every layer, param spec, filler, phase rule and loss layer) is restored, and each
+layer's blobs are the current values of its initializers (so weights trained in
+torch come back too).  As Caffe does, a shared blob is stored once per layer that
+uses it.  Foreign ONNX (torch.onnx.export, model zoo) is mapped op by op instead.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from google.protobuf import text_format
+from onnx import ModelProto, numpy_helper
+
+from caffeonnx.converter import metadata
+from caffeonnx.converter.caffe_io import write_caffemodel_to
+from caffeonnx.errors import CaffeOnnxError, InputFileError
+from caffeonnx.fileio import atomic_write
+from caffeonnx.proto import caffe_pb2
+
+
+@dataclass
+class CaffeNet:
+    """A Caffe net and its weights: layer name -> blobs in Caffe's order."""
+
+    net: caffe_pb2.NetParameter
+    blobs: dict[str, list[np.ndarray]] = field(default_factory=dict)
+
+    def save(self, prototxt: str | os.PathLike[str], caffemodel: str | os.PathLike[str] | None = None) -> None:
+        """Write the prototxt (and the caffemodel); both or neither appear."""
+        with contextlib.ExitStack() as stack:
+            proto_fh = stack.enter_context(atomic_write(prototxt))
+            proto_fh.write(text_format.MessageToString(self.net).encode())
+            if caffemodel is not None:
+                weights_fh = stack.enter_context(atomic_write(caffemodel))
+                write_caffemodel_to(weights_fh, self.net, self.blobs)
+
+
+def load_onnx(path: str | os.PathLike[str]) -> ModelProto:
+    """Load an .onnx file with a clear error when it is missing or not ONNX."""
+    p = Path(path)
+    if not p.is_file():
+        raise InputFileError(f"ONNX model {str(p)!r} does not exist; check the path")
+    try:
+        model = onnx.load(str(p))
+    except Exception as exc:  # noqa: BLE001 - protobuf raises several types for garbage
+        raise InputFileError(f"{p}: not a readable ONNX model ({type(exc).__name__}: {exc})") from None
+    if not model.graph.node:
+        raise InputFileError(f"{p}: not an ONNX model (its graph has no nodes)")
+    return model
+
+
+def initializer_arrays(model: ModelProto) -> dict[str, np.ndarray]:
+    """Every initializer as a float32 numpy array (fp16-stored weights are widened)."""
+    arrays = {}
+    for t in model.graph.initializer:
+        arr = numpy_helper.to_array(t)
+        arrays[t.name] = arr.astype(np.float32) if arr.dtype == np.float16 else arr
+    return arrays
+
+
+def _restore(model: ModelProto, batch: int | None) -> CaffeNet:
+    """Rebuild the Caffe net recorded by caffeonnx, with blobs from the initializers."""
+    net = metadata.caffe_net_from(model)
+    assert net is not None
+    arrays = initializer_arrays(model)
+    records = metadata.param_records(model)
+    blobs: dict[str, dict[int, np.ndarray]] = {}
+    for rec in records:
+        if rec["name"] not in arrays:
+            raise CaffeOnnxError(
+                f"the model's caffeonnx metadata names initializer {rec['name']!r}, which the graph lacks; the graph "
+                "was edited after conversion: convert the edited model as foreign ONNX by removing its metadata"
+            )
+        data = arrays[rec["name"]]
+        for layer, index in rec["users"]:
+            blobs.setdefault(layer, {})[index] = data
+    converted = {r.name for r in metadata.layer_records(model)}
+    layer_shapes: dict[str, dict[int, list[int]]] = {}
+    for rec in records:
+        for layer, index, shape in rec.get("user_shapes", []):
+            layer_shapes.setdefault(layer, {})[index] = shape
+    out = CaffeNet(net)
+    for layer in net.layer:
+        if layer.name not in blobs:
+            continue
+        got = blobs[layer.name]
+        arrays_in_order = [got[i] for i in sorted(got)]
+        shapes = layer_shapes.get(layer.name, {})
+        out.blobs[layer.name] = [a.reshape(shapes.get(i, a.shape)) for i, a in enumerate(arrays_in_order)]
+    missing = [layer.name for layer in net.layer if layer.name in converted and layer.name not in out.blobs and blobs_expected(layer)]
+    if missing:
+        raise CaffeOnnxError(f"no weights recorded for layer(s) {missing}; the model's metadata is inconsistent")
+    if batch is not None:
+        _set_batch(net, batch)
+    return out
+
+
+def blobs_expected(layer: caffe_pb2.LayerParameter) -> bool:
+    """Whether a layer type carries learnable blobs in Caffe."""
+    return layer.type in {"InnerProduct", "Convolution", "Deconvolution", "BatchNorm", "PReLU", "Embed"} or (
+        layer.type in ("Scale", "Bias") and len(layer.bottom) == 1
+    )
+
+
+def _set_batch(net: caffe_pb2.NetParameter, batch: int) -> None:
+    for layer in net.layer:
+        if layer.type == "Input":
+            for shape in layer.input_param.shape:
+                if shape.dim:
+                    shape.dim[0] = batch
+
+
+def onnx_to_caffe(model: ModelProto, batch: int | None = None) -> CaffeNet:
+    """Convert an ONNX model to a Caffe net + weights (exact for caffeonnx's own models)."""
+    if metadata.caffe_net_from(model) is not None:
+        return _restore(model, batch)
+    from caffeonnx.converter.foreign import convert_foreign
+
+    return convert_foreign(model, batch)
+
+
+def convert_to_caffe_files(
+    onnx_path: str | os.PathLike[str],
+    prototxt: str | os.PathLike[str],
+    caffemodel: str | os.PathLike[str] | None = None,
+    batch: int | None = None,
+) -> CaffeNet:
+    """`caffeonnx to-caffe`: read ONNX, write prototxt (+ caffemodel) atomically."""
+    result = onnx_to_caffe(load_onnx(onnx_path), batch)
+    result.save(prototxt, caffemodel)
+    return result
