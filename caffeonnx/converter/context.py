@@ -145,7 +145,8 @@ class LayerContext:
         spec = self.layer.param[index] if index < len(self.layer.param) else None
         data = self._blob_data(index, shape, filler)
         param = self.builder.params.add(
-            self.name, index, spec, shape, data, f"{self.name}.{role}", self.builder._names
+            self.name, index, spec, shape, data, f"{self.name}.{role}", self.builder._names,
+            self._weights_source if self._blobs is not None else None,
         )
         self.builder.reserve(param.name)
         value = self.builder.param_value(param)

@@ -52,8 +52,12 @@ class ParamTable:
         data: np.ndarray,
         default_name: str,
         taken: set[str],
+        weights_source: str | None = None,
     ) -> Param:
-        """Register blob `index` of `layer`; returns the (possibly shared) Param."""
+        """Register blob `index` of `layer`; returns the (possibly shared) Param.
+
+        `weights_source` names the caffemodel `data` was read from; None means a filler made it.
+        """
         caffe_name = spec.name if spec is not None else ""
         owner = self._by_caffe_name.get(caffe_name) if caffe_name else None
         if owner is None:
@@ -75,10 +79,12 @@ class ParamTable:
                 self._by_caffe_name[caffe_name] = param
             return param
         self._check_share(owner, layer, spec, shape)
-        if data is not owner.data and (data.shape != owner.data.shape or not np.array_equal(data.reshape(owner.data.shape), owner.data)):
+        # A filled copy is dropped (Caffe's ShareData points the sharing layer at the owner's blob);
+        # a caffemodel holds one copy per layer (PERMISSIVE: same count, own shape) and they must agree.
+        if weights_source is not None and not np.array_equal(data.reshape(-1), owner.data.reshape(-1), equal_nan=True):
             diff = float(np.max(np.abs(data.reshape(-1) - owner.data.reshape(-1))))
             raise WeightsError(
-                f"caffemodel: shared param {caffe_name!r} differs between layer {owner.owner!r} and "
+                f"{weights_source}: shared param {caffe_name!r} differs between layer {owner.owner!r} and "
                 f"layer {layer!r} (max abs difference {diff:g}); Caffe keeps one copy per layer and "
                 "they must be identical: re-save the caffemodel from Caffe"
             )
