@@ -8,6 +8,7 @@ parsed by protobuf, and each blob's packed float payload becomes a zero-copy
 """
 from __future__ import annotations
 
+import codecs
 import mmap
 import os
 from dataclasses import dataclass, field
@@ -203,6 +204,10 @@ def read_caffemodel(path: str | os.PathLike[str]) -> CaffeWeights:
     head = mm[:8]
     if head.startswith(b"\x89HDF"):
         raise InputFileError(f"{p}: HDF5 snapshots are not supported; save the net as a binary .caffemodel")
+    if _is_text(mm[:1024]):
+        raise InputFileError(
+            f"{p}: this is a text file, not a binary caffemodel; did you pass the prototxt where the caffemodel goes?"
+        )
     sc = _Scanner(mm, p)
     kept = bytearray()
     layer_msgs: list[tuple[int, bytes, list[Blob]]] = []
@@ -230,6 +235,15 @@ def read_caffemodel(path: str | os.PathLike[str]) -> CaffeWeights:
         name = layer.name or layer.layer.name
         weights.blobs[name] = blobs
     return weights
+
+
+def _is_text(head: bytes) -> bool:
+    """True for UTF-8 text without control bytes: a caffemodel's first field keys and lengths never are."""
+    try:
+        text = codecs.getincrementaldecoder("utf-8")().decode(head)  # a character cut at the end is fine
+    except UnicodeDecodeError:
+        return False
+    return not any(ord(c) < 32 and c not in "\t\n\r\f" for c in text)
 
 
 def _varint_bytes(value: int) -> bytes:
