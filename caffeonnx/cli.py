@@ -24,8 +24,22 @@ app = typer.Typer(
 out = Console()
 err = Console(stderr=True)
 
+
+def _batch_value(text: str) -> int:
+    """Parse --batch: a positive integer (a bad value is a one-line user error, not a usage box)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise CaffeOnnxError(f"--batch must be a positive integer, got {text!r}")
+    return value
+
+
 OutOption = Annotated[Path, typer.Option("-o", "--output", help="File to write (written atomically).")]
-BatchOption = Annotated[Optional[int], typer.Option("--batch", help="Fix the batch dimension (default: dynamic).")]
+BatchOption = Annotated[
+    Optional[int], typer.Option("--batch", parser=_batch_value, help="Fix the batch dimension (default: dynamic).")
+]
 OpsetOption = Annotated[int, typer.Option("--opset", help="ONNX opset to target.")]
 PhaseOption = Annotated[str, typer.Option("--phase", help="Caffe phase whose layers to convert: TEST or TRAIN.")]
 InputShapeOption = Annotated[
@@ -50,8 +64,8 @@ def _options(opset: int = 21, batch: int | None = None, phase: str = "TEST", inp
             shapes[name] = tuple(int(d) for d in dims.split(","))
         except ValueError:
             raise CaffeOnnxError(f"--input-shape expects NAME=D0,D1,..., got {item!r}") from None
-    if batch is not None and batch <= 0:
-        raise CaffeOnnxError(f"--batch must be positive, got {batch}")
+        if any(d <= 0 for d in shapes[name]):
+            raise CaffeOnnxError(f"--input-shape dimensions must be positive integers, got {item!r}")
     return ConvertOptions(opset=opset, batch=batch, phase=caffe_pb2.Phase.Value(phase_up), input_shapes=shapes, **kw)
 
 

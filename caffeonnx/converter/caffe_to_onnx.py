@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter, defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +22,7 @@ from caffeonnx.converter.context import ConvertOptions, GraphBuilder, LayerConte
 from caffeonnx.converter.onnx_io import check_and_type_outputs, save_streaming, to_model_proto
 from caffeonnx.converter.registry import get_handler
 from caffeonnx.converter.upgrade import upgrade_net
-from caffeonnx.errors import LayerError, UnsupportedError, WeightsError
+from caffeonnx.errors import CaffeOnnxError, LayerError, UnsupportedError, WeightsError
 from caffeonnx.proto import caffe_pb2
 
 BATCH_SYMBOL = "N"
@@ -74,6 +74,7 @@ class ConvertedModel:
 
     model: ModelProto  # graph without initializers
     weights: dict[str, np.ndarray]  # initializer name -> array (Caffe param blobs)
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # value name -> Caffe's concrete shape
 
     def to_proto(self) -> ModelProto:
         """A self-contained onnx.ModelProto."""
@@ -165,6 +166,13 @@ def convert_net(
         params_used = [n for n, p in builder.params.params.items() if any(u[0] == layer.name for u in p.users)]
         records.append(metadata.LayerRecord(layer.name, layer.type, bottoms, tops, params_used))
 
+    fed = [name for name, _, _ in builder.inputs]
+    unknown = [name for name in opts.input_shapes if name not in fed]
+    if unknown:
+        raise CaffeOnnxError(
+            f"{source}: an input shape was given for {', '.join(map(repr, unknown))}, which no data layer "
+            f"produces; the net's inputs are: {', '.join(map(repr, fed)) or 'none'}"
+        )
     outputs = [current[b] for b in available]
     if opts.all_blobs:
         outputs = list(dict.fromkeys([*outputs, *(current[b] for b in current)]))
@@ -197,7 +205,7 @@ def convert_net(
     for p in builder.params.params.values():
         arrays[p.name] = p.data.astype(np.float16) if opts.fp16 else p.data
     check_and_type_outputs(model, arrays)
-    return ConvertedModel(model, arrays)
+    return ConvertedModel(model, arrays, dict(builder.shapes))
 
 
 def _check_weights_cover(layers: list[caffe_pb2.LayerParameter], weights: CaffeWeights, opts: ConvertOptions) -> None:
