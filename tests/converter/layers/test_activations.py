@@ -128,6 +128,6 @@ def test_bad_base_is_a_layer_error(layer_type: str, params: str, message: str) -
 def test_layer_zoo_blobs_match_caffe() -> None:
     """TanH, AbsVal, Power, ELU and Sigmoid of the layer_zoo net, fed the blobs Caffe gave them."""
     text, feeds, expected = reference_subnet("layer_zoo", ["tanh", "absval", "power", "elu", "sig"])
-    got = run(convert_text(text), feeds)
+    got = run(convert_text(text, all_blobs=True), feeds)
     for name, want in expected.items():
         assert_close(got[name], want, f"layer_zoo {name}")
