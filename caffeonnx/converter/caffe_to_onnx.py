@@ -221,9 +221,12 @@ def _check_weights_cover(layers: list[caffe_pb2.LayerParameter], weights: CaffeW
 
 
 def _has_params(layer: caffe_pb2.LayerParameter) -> bool:
-    return layer.type in {
-        "InnerProduct", "Convolution", "Deconvolution", "BatchNorm", "Scale", "Bias", "PReLU", "Embed",
-    } and not (layer.type in ("Scale", "Bias") and len(layer.bottom) > 1)
+    if layer.type not in {"InnerProduct", "Convolution", "Deconvolution", "BatchNorm", "Scale", "Bias", "PReLU", "Embed"}:
+        return False
+    if layer.type in ("Scale", "Bias") and len(layer.bottom) > 1:
+        # The operand is the second bottom; a Scale still learns its bias_term blob.
+        return layer.type == "Scale" and layer.scale_param.bias_term
+    return True
 
 
 def _split_blobs(

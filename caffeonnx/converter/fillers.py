@@ -70,4 +70,5 @@ def fill(filler: caffe_pb2.FillerParameter, shape: tuple[int, ...], rng: np.rand
         raise CaffeOnnxError(
             f"unknown filler type {kind!r}; use constant, uniform, gaussian, positive_unitball, xavier, msra or bilinear"
         )
-    return np.ascontiguousarray(out, dtype=np.float32)
+    # reshape: ascontiguousarray turns a 0-axis blob (a shared PReLU slope, a scalar Scale) into [1].
+    return np.ascontiguousarray(out, dtype=np.float32).reshape(shape)

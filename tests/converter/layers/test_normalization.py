@@ -88,17 +88,33 @@ def test_batch_norm_global_stats(shape: tuple[int, ...], s: float) -> None:
 
 @pytest.mark.parametrize("shape", [(6, 4), (3, 4, 5), (2, 3, 4, 5)])
 @pytest.mark.parametrize("phase", ["TRAIN", "TEST_explicit"])
-def test_batch_norm_batch_stats(shape: tuple[int, ...], phase: str) -> None:
+@pytest.mark.parametrize("opset", [13, 21])  # ReduceMean's axes: an attribute before opset 18, an input since
+def test_batch_norm_batch_stats(shape: tuple[int, ...], phase: str, opset: int) -> None:
     """TRAIN phase (default) or use_global_stats: false normalises with the batch's own statistics."""
     g = rng(len(shape))
     explicit = "use_global_stats: false" if phase == "TEST_explicit" else ""
-    opts = {"phase": caffe_pb2.TRAIN} if phase == "TRAIN" else {}
+    opts = {"phase": caffe_pb2.TRAIN, "opset": opset} if phase == "TRAIN" else {"opset": opset}
     m = convert_text(_input(shape) + f'layer {{ name: "bn" type: "BatchNorm" bottom: "x" top: "y" '
                      f'batch_norm_param {{ {explicit} eps: 1e-5 }} }}', None, **opts)
     x = (g.normal(size=shape) * 3 + 1).astype(np.float32)
     assert_close(run(m, {"x": x})["y"], caffe_batch_norm(x, None, 1e-5), "y")
     # Still Caffe's three blobs, zero-initialised as Caffe does.
     assert [(w.shape, float(np.abs(w).sum())) for w in m.weights.values()] == [((shape[1],), 0.0)] * 2 + [((1,), 0.0)]
+
+
+def test_fp16_weights_keep_caffe_blob_shapes() -> None:
+    """--fp16 stores the blobs as float16 and casts them back; results stay within float16 rounding."""
+    g = rng(12)
+    c = 4
+    blobs = {"bn": [g.normal(size=c) * 0.5, g.uniform(1, 2, size=c) * 0.5, np.array([0.5])],
+             "sc": [g.normal(size=c), g.normal(size=c)], "pr": [g.normal(size=c)]}
+    text = (_input((2, c, 3, 3)) + 'layer { name: "bn" type: "BatchNorm" bottom: "x" top: "b" }\n'
+            'layer { name: "sc" type: "Scale" bottom: "b" top: "s" scale_param { bias_term: true } }\n'
+            'layer { name: "pr" type: "PReLU" bottom: "s" top: "y" }')
+    full, half = convert_text(text, blobs), convert_text(text, blobs, fp16=True)
+    assert [(w.shape, w.dtype) for w in half.weights.values()] == [(w.shape, np.float16) for w in full.weights.values()]
+    x = g.normal(size=(2, c, 3, 3)).astype(np.float32)
+    assert_close(run(half, {"x": x})["y"], run(full, {"x": x})["y"], "y (fp16 weights)", atol=1e-2, rtol=1e-2)
 
 
 def test_batch_norm_is_batch_agnostic() -> None:

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from caffeonnx.errors import LayerError
+from caffeonnx.errors import LayerError, WeightsError
 from tests.helpers import assert_close, convert_text, rng, run
 
 X_SHAPE = (2, 3, 4, 5)
@@ -91,6 +91,14 @@ def test_bias_from_second_bottom(axis: int, operand: tuple[int, ...]) -> None:
     assert not m.weights
 
 
+def test_caffemodel_must_hold_the_bias_of_a_two_bottom_scale() -> None:
+    """Its bias_term blob is learned even though the scale is a bottom: missing weights are an error, not a fill."""
+    text = (_input("x", X_SHAPE) + _input("s", (3,)) + 'layer { name: "sc" type: "Scale" bottom: "x" bottom: "s" top: "y" '
+            'scale_param { bias_term: true } }\nlayer { name: "b" type: "Bias" bottom: "y" bottom: "s" top: "z" }')
+    with pytest.raises(WeightsError, match=r"no weights for layer\(s\) 'sc';"):
+        convert_text(text, {"other": [np.zeros(1)]})
+
+
 def test_second_bottom_holding_the_batch_stays_batch_agnostic() -> None:
     """Squeeze-excitation style: x (N, C, H, W) scaled by s (N, C) with axis 0, fed another batch size."""
     g = rng(21)
@@ -108,6 +116,15 @@ def test_default_fillers_are_identity() -> None:
     m = convert_text(text, None)
     assert [w.tolist() for w in m.weights.values()] == [[1.0] * 3, [0.0] * 3, [0.0] * 3]
     x = rng(4).normal(size=X_SHAPE).astype(np.float32)
+    assert_close(run(m, {"x": x})["y"], x, "y")
+
+
+@pytest.mark.parametrize("layer", ['type: "Scale" scale_param { num_axes: 0 bias_term: true }', 'type: "Bias" bias_param { num_axes: 0 }'])
+def test_scalar_operand_without_weights_keeps_zero_axes(layer: str) -> None:
+    """num_axes 0 makes a 0-axis blob in Caffe; filled from the filler it must stay 0-axis."""
+    m = convert_text(_input("x", X_SHAPE) + f'layer {{ name: "l" {layer} bottom: "x" top: "y" }}', None)
+    assert all(w.shape == () for w in m.weights.values()) and m.weights
+    x = rng(6).normal(size=X_SHAPE).astype(np.float32)
     assert_close(run(m, {"x": x})["y"], x, "y")
 
 
