@@ -54,8 +54,8 @@ def convert_batch_norm(layer: caffe_pb2.LayerParameter, ctx: LayerContext) -> No
     eps = np.float32(p.eps)
     if use_global_stats:
         # The blobs hold running sums weighted by s; Caffe divides by s (0 when s is 0).
-        is_zero = ctx.node("Equal", [factor_acc, ctx.const(np.zeros(1, np.float32), "zero")])
-        inv = ctx.node("Where", [is_zero, ctx.const(np.zeros(1, np.float32), "zero"), ctx.node("Reciprocal", [factor_acc])])
+        zero = ctx.const(np.zeros(1, np.float32), "zero")
+        inv = ctx.node("Where", [ctx.node("Equal", [factor_acc, zero]), zero, ctx.node("Reciprocal", [factor_acc])])
         mean = ctx.node("Mul", [mean_acc, inv])
         var = ctx.node("Mul", [var_acc, inv])
         gamma = ctx.const(np.ones(channels, np.float32), "gamma")
