@@ -15,6 +15,7 @@ from onnx import TensorProto
 
 from caffeonnx.converter.context import LayerContext, Shape
 from caffeonnx.converter.registry import register_layer
+from caffeonnx.errors import LayerError
 from caffeonnx.proto import caffe_pb2
 
 Mode = caffe_pb2.LossParameter
@@ -22,14 +23,44 @@ Count = Callable[[], str]  # emits a float scalar count, returns its value name
 FLT_MIN = float(np.finfo(np.float32).tiny)  # Caffe clamps probabilities to FLT_MIN before the log
 
 
+# Caffe's LossLayer subclasses: their top 0 weighs 1 in the objective unless loss_weight says otherwise.
+LOSS_LAYER_TYPES = frozenset({
+    "ContrastiveLoss", "EuclideanLoss", "HingeLoss", "InfogainLoss", "MultinomialLogisticLoss",
+    "SigmoidCrossEntropyLoss", "SoftmaxWithLoss",
+})
+
+
+def effective_loss_weights(layer: caffe_pb2.LayerParameter) -> list[float]:
+    """Each top's weight in the training objective, as Caffe's Layer::SetLossWeights applies it.
+
+    A LossLayer with no loss_weight gets 1 for its first top only, so a second top
+    (SoftmaxWithLoss's prob) needs explicit weights, as in Caffe, which aborts otherwise.
+    """
+    weights = list(layer.loss_weight)
+    if not weights and layer.type in LOSS_LAYER_TYPES:
+        weights = [1.0]
+    if not weights:
+        return [0.0] * len(layer.top)
+    if len(weights) != len(layer.top):
+        hint = " (loss layers weigh their first top 1 by default)" if not layer.loss_weight else ""
+        raise LayerError(
+            layer.name, layer.type,
+            f"loss_weight must be unspecified or specified once per top blob: {len(weights)} weight(s) "
+            f"{weights!r}{hint} for {len(layer.top)} tops {list(layer.top)!r}; give one loss_weight per top, "
+            "e.g. loss_weight: 1 loss_weight: 0",
+        )
+    return weights
+
+
 def check_blob_counts(ctx: LayerContext, bottoms: int, min_tops: int, max_tops: int) -> None:
-    """Caffe's ExactNumBottomBlobs / Min/MaxTopBlobs checks, naming the layer."""
+    """Caffe's ExactNumBottomBlobs / Min/MaxTopBlobs and loss_weight count checks, naming the layer."""
     nb, nt = len(ctx.layer.bottom), len(ctx.layer.top)
     if nb != bottoms:
         raise ctx.error(f"takes {bottoms} bottom blob(s) (predictions, labels) but has {nb}: {list(ctx.layer.bottom)!r}")
     if not min_tops <= nt <= max_tops:
         want = str(min_tops) if min_tops == max_tops else f"{min_tops} to {max_tops}"
         raise ctx.error(f"takes {want} top blob(s) but has {nt}: {list(ctx.layer.top)!r}")
+    effective_loss_weights(ctx.layer)
 
 
 def check_same_num(ctx: LayerContext) -> None:

@@ -5,8 +5,10 @@ import math
 
 import numpy as np
 import pytest
+from google.protobuf import text_format
 from onnx import TensorProto
 
+from caffeonnx.converter.layers.loss import effective_loss_weights, normalization_mode
 from caffeonnx.errors import LayerError
 from caffeonnx.proto import caffe_pb2
 from tests.helpers import assert_close, convert_text, rng, run
@@ -180,7 +182,8 @@ def test_softmax_with_loss_prob_top_and_dynamic_batch(fed_batch: int) -> None:
     g = rng(5)
     x = g.normal(size=(fed_batch, 4, 3)).astype(np.float32)
     label = g.integers(0, 4, size=(fed_batch, 1, 3)).astype(np.float32)
-    model = convert_text(net("SoftmaxWithLoss", (5, 4, 3), (5, 1, 3), tops='top: "loss" top: "prob"'))
+    model = convert_text(net("SoftmaxWithLoss", (5, 4, 3), (5, 1, 3), "loss_weight: 1 loss_weight: 0",
+                             tops='top: "loss" top: "prob"'))
     out = run(model, {"x": x, "label": label})
     assert_close(out["prob"], softmax32(x, 1), "prob")
     assert_close(out["loss"], np.array(softmax_loss_ref(x, label, 1, "VALID", None), dtype=np.float32), "loss")
@@ -221,6 +224,26 @@ def test_loss_refuses_wrong_blob_counts() -> None:
         convert_text(text)
 
 
+def test_softmax_with_loss_prob_top_needs_explicit_loss_weights() -> None:
+    # Caffe's LossLayer adds loss_weight 1 for top 0 only, then SetLossWeights aborts on 1 weight for 2 tops.
+    with pytest.raises(LayerError, match=r"once per top blob: 1 weight\(s\) \[1.0\] \(loss layers weigh their first top 1 by "
+                       r"default\) for 2 tops \['loss', 'prob'\].*loss_weight: 1 loss_weight: 0"):
+        convert_text(net("SoftmaxWithLoss", (4, 5), (4,), tops='top: "loss" top: "prob"'))
+
+
+@pytest.mark.parametrize(("layer_text", "want"), [
+    ('type: "SoftmaxWithLoss" top: "loss"', [1.0]),
+    ('type: "EuclideanLoss" top: "loss" loss_weight: 0.25', [0.25]),
+    ('type: "SoftmaxWithLoss" top: "loss" top: "prob" loss_weight: 2 loss_weight: 0', [2.0, 0.0]),
+    ('type: "Accuracy" top: "acc" top: "per_class"', [0.0, 0.0]),
+    ('type: "InnerProduct" top: "ip" loss_weight: 0.5', [0.5]),
+])
+def test_effective_loss_weights(layer_text: str, want: list[float]) -> None:
+    layer = caffe_pb2.LayerParameter()
+    text_format.Parse(f'name: "l" {layer_text}', layer)
+    assert effective_loss_weights(layer) == want, f"{layer_text}: loss weights {effective_loss_weights(layer)} != {want}"
+
+
 def test_softmax_with_loss_needs_opset_13() -> None:
     with pytest.raises(LayerError, match=r"opset 13 or later \(got --opset 12\)"):
         convert_text(net("SoftmaxWithLoss", (4, 5), (4,)), opset=12)
@@ -229,8 +252,6 @@ def test_softmax_with_loss_needs_opset_13() -> None:
 def test_legacy_normalize_only_applies_without_normalization() -> None:
     layer = caffe_pb2.LayerParameter()
     layer.loss_param.normalize = False
-    from caffeonnx.converter.layers.loss import normalization_mode
-
     assert normalization_mode(layer.loss_param, caffe_pb2.LossParameter.VALID) == caffe_pb2.LossParameter.BATCH_SIZE
     layer.loss_param.normalization = caffe_pb2.LossParameter.FULL
     assert normalization_mode(layer.loss_param, caffe_pb2.LossParameter.VALID) == caffe_pb2.LossParameter.FULL
