@@ -6,13 +6,11 @@ import json
 import numpy as np
 import pytest
 
-from caffeonnx.converter.caffe_io import CaffeWeights
-from caffeonnx.converter.caffe_to_onnx import convert_net, load_net, load_weights
-from caffeonnx.converter.context import ConvertOptions
+from caffeonnx.converter.caffe_to_onnx import load_weights
 from caffeonnx.converter.metadata import param_records
 from caffeonnx.errors import LayerError
 from caffeonnx.proto import caffe_pb2
-from tests.helpers import REFERENCE, assert_close, convert_text, rng, run
+from tests.helpers import REFERENCE, assert_close, convert_text, reference_subnet, rng, run
 
 ZOO = REFERENCE / "layer_zoo"
 
@@ -178,20 +176,15 @@ def test_lrn_errors(shape: tuple[int, ...], param: str, match: str) -> None:
 
 # --- real Caffe: layer_zoo's bn -> scale -> prelu -> lrn ------------------------------------
 def test_layer_zoo_bn_scale_prelu_lrn_match_caffe() -> None:
-    """The zoo net cut after 'lrn', fed Caffe's own conv_g blob (tolerances from case.json)."""
-    net = load_net(ZOO / "net.prototxt")
+    """The zoo's bn..lrn layers fed Caffe's own conv_g blob, with its caffemodel (tolerances from case.json)."""
     case = json.loads((ZOO / "case.json").read_text())
-    blobs = np.load(ZOO / "blobs.npz")
-    names = [layer.name for layer in net.layer]
-    sub = caffe_pb2.NetParameter(name="zoo_bn_to_lrn")
-    sub.layer.add(name="conv_g_blob", type="Input", top=["conv_g"]).input_param.shape.add(dim=blobs["conv_g"].shape)
-    sub.layer.extend(net.layer[names.index("bn") : names.index("lrn") + 1])
-    weights = load_weights(ZOO / "weights.caffemodel")
-    kept = {name: weights.blobs[name] for name in ("bn", "scale", "prelu")}
-    m = convert_net(sub, CaffeWeights(weights.path, weights.net, kept), ConvertOptions(all_blobs=True), "zoo")
-    outs = run(m, {"conv_g": blobs["conv_g"]})
+    text, feeds, want = reference_subnet("layer_zoo", ["bn", "scale", "prelu", "lrn"])
+    caffemodel = load_weights(ZOO / "weights.caffemodel")
+    weights = {name: [b.data for b in caffemodel.blobs[name]] for name in ("bn", "scale", "prelu")}
+    m = convert_text(text, weights, all_blobs=True)
+    outs = run(m, feeds)
     for blob in ("bn", "scale", "prelu", "lrn"):
-        assert_close(outs[blob], blobs[blob], blob, atol=case["atol"], rtol=case["rtol"])
+        assert_close(outs[blob], want[blob], blob, atol=case["atol"], rtol=case["rtol"])
     # One initializer per Caffe blob, with Caffe's shapes.
     shapes = [list(w.shape) for w in m.weights.values()]
     assert shapes == [s for layer in ("bn", "scale", "prelu") for s in case["layer_param_shapes"][layer]]
