@@ -151,6 +151,24 @@ def to_caffe(
 
 
 @app.command()
+def inspect(
+    file: Annotated[Path, typer.Argument(help="A .prototxt, .caffemodel or .onnx file.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print a machine-readable JSON document.")] = False,
+    phase: PhaseOption = "TEST",
+    input_shape: InputShapeOption = None,
+) -> None:
+    """Show layers, blob shapes, shared params and their users, and unique vs per-layer parameter counts."""
+    from caffeonnx.converter.inspect import inspect_file, renderables
+
+    result = inspect_file(file, _options(phase=phase, input_shape=input_shape))
+    if as_json:
+        print(result.to_json())
+        return
+    for item in renderables(result):
+        out.print(item, markup=False, highlight=False) if isinstance(item, str) else out.print(item)
+
+
+@app.command()
 def layers(
     markdown: Annotated[bool, typer.Option("--markdown", help="Print the docs table.")] = False,
 ) -> None:
