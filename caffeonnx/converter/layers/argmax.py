@@ -44,7 +44,7 @@ def _caffe_index(ctx: LayerContext, x: str, shape: Shape, axis: int, rev_index: 
 
 @register_layer("ArgMax")
 def convert_argmax(layer: caffe_pb2.LayerParameter, ctx: LayerContext) -> None:
-    """ArgMax: float indices of the top_k largest values per item (along `axis`, or over all non-batch axes); out_max_val adds or gives values."""
+    """ArgMax: float indices (out_max_val: and/or values) of the top_k largest, per item or along `axis`."""
     p = layer.argmax_param
     shape, x, out, k = ctx.input_shapes[0], ctx.inputs[0], ctx.outputs[0], p.top_k
     if k < 1:
@@ -53,7 +53,10 @@ def convert_argmax(layer: caffe_pb2.LayerParameter, ctx: LayerContext) -> None:
         # Along one axis: that axis shrinks to top_k and holds the values (out_max_val) or the indices.
         axis = ctx.axis(p.axis, len(shape), "argmax_param.axis")
         if k > shape[axis]:
-            raise ctx.error(f"argmax_param.top_k {k!r} exceeds the size {shape[axis]} of axis {axis} (shape {list(shape)})")
+            raise ctx.error(
+                f"argmax_param.top_k {k!r} exceeds the size {shape[axis]} of axis {axis} (shape {list(shape)}); "
+                "lower top_k or pick another axis"
+            )
         if p.out_max_val:
             _reversed_top_k(ctx, x, axis, k, values_out=out)
         else:
@@ -64,7 +67,9 @@ def convert_argmax(layer: caffe_pb2.LayerParameter, ctx: LayerContext) -> None:
     # bottom's rank, channel 0 holding the indices and channel 1 (out_max_val) the values.
     n, dim = shape[0], math.prod(shape[1:])
     if k > dim:
-        raise ctx.error(f"argmax_param.top_k {k!r} exceeds the {dim} values per item (shape {list(shape)})")
+        raise ctx.error(
+            f"argmax_param.top_k {k!r} exceeds the {dim} values per item (shape {list(shape)}); lower top_k"
+        )
     flat = x if len(shape) == 2 else ctx.reshape(x, shape, (n, dim))
     values, rev_index = _reversed_top_k(ctx, flat, 1, k)
     index = _caffe_index(ctx, flat, (n, dim), 1, rev_index)

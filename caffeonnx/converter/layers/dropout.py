@@ -10,7 +10,7 @@ from caffeonnx.proto import caffe_pb2
 
 @register_layer("Dropout")
 def convert_dropout(layer: caffe_pb2.LayerParameter, ctx: LayerContext) -> None:
-    """Dropout: identity in TEST; in TRAIN zeroes x with probability dropout_ratio and scales the rest by 1/(1 - ratio)."""
+    """Dropout: identity in TEST; in TRAIN zeroes x with probability dropout_ratio, scales the rest by 1/(1-ratio)."""
     ratio = layer.dropout_param.dropout_ratio
     if not 0 < ratio < 1:
         raise ctx.error(f"dropout_param.dropout_ratio must be in (0, 1), got {ratio!r}")

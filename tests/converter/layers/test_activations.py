@@ -4,6 +4,7 @@ Nets declare batch 2 and are fed batch 3, so every graph is checked to be batch-
 Default tolerances atol 1e-5, rtol 1e-4; Exp/Power/Log cases that amplify float32 rounding
 state their own.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -54,31 +55,101 @@ CASES: dict[str, Case] = {
     "sigmoid": ("Sigmoid", "", _normal, lambda x: 1 / (1 + np.exp(-x)), 1e-5, 1e-4),
     "tanh": ("TanH", "", _normal, np.tanh, 1e-5, 1e-4),
     "relu": ("ReLU", "", _normal, lambda x: np.maximum(x, 0), 0, 0),
-    "leaky_relu": ("ReLU", "relu_param { negative_slope: 0.1 }", _normal, lambda x: np.where(x > 0, x, 0.1 * x), 1e-6, 1e-6),
+    "leaky_relu": (
+        "ReLU",
+        "relu_param { negative_slope: 0.1 }",
+        _normal,
+        lambda x: np.where(x > 0, x, 0.1 * x),
+        1e-6,
+        1e-6,
+    ),
     "absval": ("AbsVal", "", _normal, np.abs, 0, 0),
     "bnll": ("BNLL", "", _wide, lambda x: np.logaddexp(0, x), 1e-5, 1e-4),
     "elu": ("ELU", "", _normal, lambda x: np.where(x > 0, x, np.expm1(x)), 1e-5, 1e-4),
-    "elu_alpha": ("ELU", "elu_param { alpha: 0.25 }", _normal, lambda x: np.where(x > 0, x, 0.25 * np.expm1(x)), 1e-5, 1e-4),
+    "elu_alpha": (
+        "ELU",
+        "elu_param { alpha: 0.25 }",
+        _normal,
+        lambda x: np.where(x > 0, x, 0.25 * np.expm1(x)),
+        1e-5,
+        1e-4,
+    ),
     "threshold_0": ("Threshold", "", _normal, lambda x: (x > 0).astype(np.float64), 0, 0),
-    "threshold_half": ("Threshold", "threshold_param { threshold: 0.5 }", _on_threshold, lambda x: (x > 0.5).astype(np.float64), 0, 0),
+    "threshold_half": (
+        "Threshold",
+        "threshold_param { threshold: 0.5 }",
+        _on_threshold,
+        lambda x: (x > 0.5).astype(np.float64),
+        0,
+        0,
+    ),
     "exp": ("Exp", "", _normal, np.exp, 1e-5, 1e-4),
-    "exp_e_scale_shift": ("Exp", "exp_param { scale: 0.7 shift: 1.5 }", _normal, lambda x: np.exp(1.5 + 0.7 * x), 1e-5, 2e-4),
-    "exp_base2": ("Exp", "exp_param { base: 2 }", _normal, lambda x: 2.0 ** x, 1e-5, 1e-4),
-    "exp_base10_all": ("Exp", "exp_param { base: 10 scale: -0.5 shift: 0.25 }", _normal, lambda x: 10.0 ** (0.25 - 0.5 * x), 1e-5, 3e-4),
+    "exp_e_scale_shift": (
+        "Exp",
+        "exp_param { scale: 0.7 shift: 1.5 }",
+        _normal,
+        lambda x: np.exp(1.5 + 0.7 * x),
+        1e-5,
+        2e-4,
+    ),
+    "exp_base2": ("Exp", "exp_param { base: 2 }", _normal, lambda x: 2.0**x, 1e-5, 1e-4),
+    "exp_base10_all": (
+        "Exp",
+        "exp_param { base: 10 scale: -0.5 shift: 0.25 }",
+        _normal,
+        lambda x: 10.0 ** (0.25 - 0.5 * x),
+        1e-5,
+        3e-4,
+    ),
     "exp_base1": ("Exp", "exp_param { base: 1 scale: 3 }", _normal, lambda x: np.ones_like(x), 0, 0),
     "log": ("Log", "", _positive, np.log, 1e-5, 1e-4),
-    "log_scale_shift": ("Log", "log_param { scale: 2 shift: 0.5 }", _positive, lambda x: np.log(0.5 + 2 * x), 1e-5, 1e-4),
+    "log_scale_shift": (
+        "Log",
+        "log_param { scale: 2 shift: 0.5 }",
+        _positive,
+        lambda x: np.log(0.5 + 2 * x),
+        1e-5,
+        1e-4,
+    ),
     "log_base2": ("Log", "log_param { base: 2 }", _positive, np.log2, 1e-5, 1e-4),
-    "log_base10_all": ("Log", "log_param { base: 10 scale: 0.5 shift: 1 }", _positive, lambda x: np.log10(1 + 0.5 * x), 1e-5, 1e-4),
-    "power_square": ("Power", "power_param { power: 2 scale: 0.5 shift: 1 }", _normal, lambda x: (1 + 0.5 * x) ** 2, 1e-5, 1e-4),
+    "log_base10_all": (
+        "Log",
+        "log_param { base: 10 scale: 0.5 shift: 1 }",
+        _positive,
+        lambda x: np.log10(1 + 0.5 * x),
+        1e-5,
+        1e-4,
+    ),
+    "power_square": (
+        "Power",
+        "power_param { power: 2 scale: 0.5 shift: 1 }",
+        _normal,
+        lambda x: (1 + 0.5 * x) ** 2,
+        1e-5,
+        1e-4,
+    ),
     "power_cube": ("Power", "power_param { power: 3 scale: -1.5 }", _normal, lambda x: (-1.5 * x) ** 3, 1e-5, 3e-4),
     "power_sqrt": ("Power", "power_param { power: 0.5 }", _positive, np.sqrt, 1e-5, 1e-4),
     "power_inverse": ("Power", "power_param { power: -1 shift: 2 }", _positive, lambda x: 1 / (2 + x), 1e-5, 1e-4),
-    "power_fraction_negative_base": ("Power", "power_param { power: 2.5 }", _normal, lambda x: np.power(x.astype(np.float64), 2.5), 1e-5, 3e-4),
+    "power_fraction_negative_base": (
+        "Power",
+        "power_param { power: 2.5 }",
+        _normal,
+        lambda x: np.power(x.astype(np.float64), 2.5),
+        1e-5,
+        3e-4,
+    ),
     "power_affine": ("Power", "power_param { scale: 2 shift: -1 }", _normal, lambda x: 2 * x - 1, 1e-6, 1e-6),
     "power_identity": ("Power", "", _normal, lambda x: x, 0, 0),
     "power_zero": ("Power", "power_param { power: 0 scale: 3 shift: 2 }", _normal, np.ones_like, 0, 0),
-    "power_scale_zero": ("Power", "power_param { power: 2 scale: 0 shift: 3 }", _normal, lambda x: np.full_like(x, 9.0), 0, 0),
+    "power_scale_zero": (
+        "Power",
+        "power_param { power: 2 scale: 0 shift: 3 }",
+        _normal,
+        lambda x: np.full_like(x, 9.0),
+        0,
+        0,
+    ),
 }
 
 
@@ -121,7 +192,9 @@ def test_any_rank(shape: tuple[int, ...]) -> None:
     ],
 )
 def test_bad_base_is_a_layer_error(layer_type: str, params: str, message: str) -> None:
-    with pytest.raises(LayerError, match=r"layer 'act' \(" + layer_type + r"\): " + message.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(
+        LayerError, match=r"layer 'act' \(" + layer_type + r"\): " + message.replace("(", r"\(").replace(")", r"\)")
+    ):
         convert_text(_net(layer_type, params))
 
 

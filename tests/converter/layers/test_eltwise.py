@@ -2,6 +2,7 @@
 
 Nets declare batch 2 and are fed batch 3 (batch-agnostic). Tolerances atol 1e-5, rtol 1e-4.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -18,7 +19,8 @@ def _net(n_bottoms: int, params: str, shapes: list[tuple[int, ...]] | None = Non
     shapes = shapes or [SHAPE] * n_bottoms
     lines = [
         f'layer {{ name: "in{i}" type: "Input" top: "x{i}" input_param {{ shape {{ '
-        + " ".join(f"dim: {d}" for d in s) + " } } }"
+        + " ".join(f"dim: {d}" for d in s)
+        + " } } }"
         for i, s in enumerate(shapes)
     ]
     bottoms = " ".join(f'bottom: "x{i}"' for i in range(len(shapes)))
@@ -66,7 +68,12 @@ def test_unit_coeffs_add_no_multiplication() -> None:
     [
         (1, "", None, "Eltwise needs at least 2 bottoms, got 1"),
         (2, "coeff: 1", None, "eltwise_param has 1 coeff\\(s\\) \\[1.0\\] for 2 bottoms"),
-        (2, "operation: PROD coeff: 1 coeff: 2", None, "eltwise_param.coeff \\[1.0, 2.0\\] is only allowed with operation SUM"),
+        (
+            2,
+            "operation: PROD coeff: 1 coeff: 2",
+            None,
+            "eltwise_param.coeff \\[1.0, 2.0\\] is only allowed with operation SUM",
+        ),
         (2, "", [SHAPE, (2, 3, 5, 4)], "bottom 'x1' has shape \\[2, 3, 5, 4\\] but bottom 'x0' has \\[2, 3, 4, 5\\]"),
     ],
 )

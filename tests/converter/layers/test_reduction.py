@@ -4,6 +4,7 @@ The top keeps the axes before `axis` (axis 0 gives a 0-d blob). Nets declare bat
 fed batch 3 (batch-agnostic). Both axes-as-attribute (opset 13) and axes-as-input (opset 18+)
 forms are run. Tolerances atol 1e-5, rtol 1e-4 (sums of at most 180 float32 values).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -44,7 +45,9 @@ def _net(params: str, shape: tuple[int, ...] = SHAPE) -> str:
 @pytest.mark.parametrize("opset", [13, 21])
 def test_matches_caffe_forward(op: str, axis: int | None, coeff: float | None, opset: int) -> None:
     x = rng(len(op)).standard_normal(FED).astype(np.float32)
-    params = f"operation: {op}" + ("" if axis is None else f" axis: {axis}") + ("" if coeff is None else f" coeff: {coeff}")
+    params = (
+        f"operation: {op}" + ("" if axis is None else f" axis: {axis}") + ("" if coeff is None else f" coeff: {coeff}")
+    )
     got = run(convert_text(_net(params), opset=opset), {"x": x})["y"]
     want = caffe_reduction(x.astype(np.float64), op, 0 if axis is None else axis, 1.0 if coeff is None else coeff)
     assert got.shape == want.shape, f"reduction {params}: top shape {got.shape}, Caffe's is {want.shape}"

@@ -2,6 +2,7 @@
 
 Nets declare batch 2 and are fed batch 3 (batch-agnostic). Tolerances atol 1e-5, rtol 1e-4.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -26,8 +27,15 @@ def _softmax(x: np.ndarray, axis: int) -> np.ndarray:
 
 @pytest.mark.parametrize(
     ("shape", "axis"),
-    [((2, 10), None), ((2, 10), -1), ((2, 3, 4, 5), None), ((2, 3, 4, 5), 2), ((2, 3, 4, 5), -1),
-     ((2, 3, 4, 5), 0), ((2, 6, 7), -2)],
+    [
+        ((2, 10), None),
+        ((2, 10), -1),
+        ((2, 3, 4, 5), None),
+        ((2, 3, 4, 5), 2),
+        ((2, 3, 4, 5), -1),
+        ((2, 3, 4, 5), 0),
+        ((2, 6, 7), -2),
+    ],
 )
 @pytest.mark.parametrize("opset", [13, 21])
 def test_matches_caffe_forward(shape: tuple[int, ...], axis: int | None, opset: int) -> None:
@@ -48,7 +56,9 @@ def test_last_axis_works_before_opset_13() -> None:
 
 def test_inner_axis_before_opset_13_is_refused() -> None:
     """Opset < 13 Softmax normalises over axis..end jointly; converting anyway would be silently wrong."""
-    with pytest.raises(LayerError, match=r"layer 'prob' \(Softmax\): softmax over axis 1 of a 4-D blob needs opset >= 13"):
+    with pytest.raises(
+        LayerError, match=r"layer 'prob' \(Softmax\): softmax over axis 1 of a 4-D blob needs opset >= 13"
+    ):
         convert_text(_net((2, 3, 4, 5)), opset=12)
 
 
