@@ -136,13 +136,18 @@ class LayerContext:
         shape: Sequence[int],
         role: str,
         filler: caffe_pb2.FillerParameter,
+        default_spec: caffe_pb2.ParamSpec | None = None,
     ) -> str:
-        """Declare learnable blob `index` of this layer; returns the value to use in nodes."""
+        """Declare learnable blob `index` of this layer; returns the value to use in nodes.
+
+        `default_spec` stands in for a ParamSpec the prototxt does not give (a layer's
+        built-in default, e.g. BatchNorm's lr_mult 0), without editing the net.
+        """
         shape = tuple(int(d) for d in shape)
         if index != self.params_declared:
             raise RuntimeError(f"{self.type} handler declared param {index} out of order")
         self.params_declared += 1
-        spec = self.layer.param[index] if index < len(self.layer.param) else None
+        spec = self.layer.param[index] if index < len(self.layer.param) else default_spec
         data = self._blob_data(index, shape, filler)
         param = self.builder.params.add(
             self.name, index, spec, shape, data, f"{self.name}.{role}", self.builder._names,

@@ -12,19 +12,17 @@ from caffeonnx.proto import caffe_pb2
 _REDUCE_AXES_AS_INPUT = 18
 
 
-def _mask_statistics_from_solver(layer: caffe_pb2.LayerParameter, ctx: LayerContext) -> None:
-    """Give the three statistic blobs lr_mult 0, as Caffe's BatchNorm setup does.
+# Caffe's BatchNorm setup gives each statistic blob without a ParamSpec `lr_mult: 0`, so
+# the solver never updates them; the converted model records that without editing the net.
+_FROZEN = caffe_pb2.ParamSpec(lr_mult=0.0)
 
-    Caffe appends `param { lr_mult: 0 }` for each blob without a ParamSpec and refuses a
-    given ParamSpec whose lr_mult is not 0, so the solver never updates the statistics;
-    recording it here keeps that fact in the converted model's metadata.
-    """
-    for i in range(3):
-        if i == len(layer.param):
-            layer.param.add(lr_mult=0.0)
-        elif i < len(layer.param) and layer.param[i].lr_mult != 0:
+
+def _check_statistics_specs(layer: caffe_pb2.LayerParameter, ctx: LayerContext) -> None:
+    """Refuse a given ParamSpec with non-zero lr_mult, as Caffe does."""
+    for i, spec in enumerate(layer.param[:3]):
+        if spec.lr_mult != 0:
             raise ctx.error(
-                f"param {i} has lr_mult {layer.param[i].lr_mult!r}; Caffe refuses it (Cannot configure batch "
+                f"param {i} has lr_mult {spec.lr_mult!r}; Caffe refuses it (Cannot configure batch "
                 "normalization statistics as layer parameters): set lr_mult: 0 or drop the param spec"
             )
 
@@ -44,11 +42,11 @@ def convert_batch_norm(layer: caffe_pb2.LayerParameter, ctx: LayerContext) -> No
     if len(shape) < 2:
         raise ctx.error(f"input shape {list(shape)!r} has no channel axis; BatchNorm needs (N, C, ...)")
     channels = shape[1]
-    _mask_statistics_from_solver(layer, ctx)
+    _check_statistics_specs(layer, ctx)
     zeros = constant_filler(0.0)  # Caffe zero-initialises the statistics
-    mean_acc = ctx.param(0, (channels,), "mean", zeros)
-    var_acc = ctx.param(1, (channels,), "variance", zeros)
-    factor_acc = ctx.param(2, (1,), "moving_average_factor", zeros)
+    mean_acc = ctx.param(0, (channels,), "mean", zeros, default_spec=_FROZEN)
+    var_acc = ctx.param(1, (channels,), "variance", zeros, default_spec=_FROZEN)
+    factor_acc = ctx.param(2, (1,), "moving_average_factor", zeros, default_spec=_FROZEN)
     use_global_stats = p.use_global_stats if p.HasField("use_global_stats") else ctx.options.phase == caffe_pb2.TEST
     x, out = ctx.inputs[0], ctx.outputs[0]
     eps = np.float32(p.eps)
