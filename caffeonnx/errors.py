@@ -37,3 +37,7 @@ class LayerError(CaffeOnnxError):
         super().__init__(f"layer {layer!r} ({layer_type}): {message}")
         self.layer = layer
         self.layer_type = layer_type
+
+
+class TensorError(CaffeOnnxError):
+    """An inference input has the wrong name, shape, dtype or size for the model."""
