@@ -164,8 +164,9 @@ def inspect(
     if as_json:
         print(result.to_json())
         return
+    console = out if out.is_terminal else Console(width=1000)  # piped: full lines, nothing cut or wrapped
     for item in renderables(result):
-        out.print(item, markup=False, highlight=False) if isinstance(item, str) else out.print(item)
+        console.print(item, markup=False, highlight=False)
 
 
 @app.command()

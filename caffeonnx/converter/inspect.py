@@ -298,7 +298,7 @@ def renderables(insp: Inspection) -> list[Table | str]:
     layers = Table(title=f"{len(insp.layers)} layers" + (f" ({insp.phase})" if insp.phase else ""))
     for col in ("#", "layer", "type", "bottoms", "tops", "top shapes" if insp.format != "caffemodel" else "", "params"):
         if col:
-            layers.add_column(col)
+            layers.add_column(col, overflow="fold")
     for i, layer in enumerate(insp.layers):
         row = [str(i), layer.name, layer.type, ", ".join(layer.bottoms), ", ".join(layer.tops)]
         if insp.format != "caffemodel":
@@ -311,7 +311,7 @@ def renderables(insp: Inspection) -> list[Table | str]:
         caffe = shared[0].share_mode is not None  # foreign ONNX has no Caffe training semantics
         table = Table(title=f"{len(shared)} shared params")
         for col in ("param", "shape", "users", *(("lr_mult", "decay_mult", "share_mode") if caffe else ())):
-            table.add_column(col)
+            table.add_column(col, overflow="fold")
         for p in shared:
             users = ", ".join(
                 f"{u.layer}[{u.index}]" + (f" as {_shape_text(list(u.shape))}" if u.shape != p.shape else "") for u in p.users
