@@ -199,7 +199,11 @@ def convert_net(
         producer_version=__version__,
     )
     model.ir_version = helper.find_min_ir_version_for(list(model.opset_import))
-    for key, value in metadata.build_metadata(net, opts.phase, records, builder.params).items():
+    props = metadata.build_metadata(
+        net, opts.phase, records, builder.params, level=opts.level, stages=opts.stages,
+        input_shapes={name: shape for name, shape, _ in builder.inputs},
+    )
+    for key, value in props.items():
         model.metadata_props.append(onnx.StringStringEntryProto(key=key, value=value))
     arrays = {}
     for p in builder.params.params.values():

@@ -7,6 +7,11 @@ Keys (all values are strings):
   blobs stripped: layer names and types, param names, lr_mult, decay_mult,
   share_mode, fillers, include/exclude rules, loss_weight, every *_param.
 - `caffe.phase`: the phase the graph was converted for (TRAIN or TEST).
+- `caffe.state`: the whole NetState the layers were filtered with (phase, level,
+  stages) as prototxt text: with the phase alone a staged net cannot be re-filtered.
+- `caffe.input_shapes`: JSON {blob: shape}, the Caffe shape each graph input was
+  converted with (batch included, after --batch/--input-shape): the ONNX input may
+  show a symbolic batch, and shapes given on the command line are nowhere else.
 - `caffe.layers`: JSON list, one entry per converted layer in order:
   {"name", "type", "bottoms": [ONNX values], "tops": [ONNX values], "params": [initializers]}.
 - `caffe.params`: JSON list, one entry per initializer: {"name", "caffe_name",
@@ -16,6 +21,7 @@ Keys (all values are strings):
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from google.protobuf import text_format
@@ -28,6 +34,8 @@ FORMAT = "1"
 KEY_FORMAT = "caffeonnx.format"
 KEY_NET = "caffe.net"
 KEY_PHASE = "caffe.phase"
+KEY_STATE = "caffe.state"
+KEY_INPUT_SHAPES = "caffe.input_shapes"
 KEY_LAYERS = "caffe.layers"
 KEY_PARAMS = "caffe.params"
 
@@ -52,7 +60,16 @@ def net_without_blobs(net: caffe_pb2.NetParameter) -> caffe_pb2.NetParameter:
     return bare
 
 
-def build_metadata(net: caffe_pb2.NetParameter, phase: int, layers: list[LayerRecord], params: ParamTable) -> dict[str, str]:
+def build_metadata(
+    net: caffe_pb2.NetParameter,
+    phase: int,
+    layers: list[LayerRecord],
+    params: ParamTable,
+    *,
+    level: int = 0,
+    stages: Sequence[str] = (),
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+) -> dict[str, str]:
     """The metadata_props entries for a converted net."""
     param_entries = [
         {
@@ -72,6 +89,8 @@ def build_metadata(net: caffe_pb2.NetParameter, phase: int, layers: list[LayerRe
         KEY_FORMAT: FORMAT,
         KEY_NET: text_format.MessageToString(net_without_blobs(net)),
         KEY_PHASE: caffe_pb2.Phase.Name(phase),
+        KEY_STATE: text_format.MessageToString(caffe_pb2.NetState(phase=phase, level=level, stage=list(stages))),
+        KEY_INPUT_SHAPES: json.dumps({k: list(v) for k, v in (input_shapes or {}).items()}),
         KEY_LAYERS: json.dumps([r.__dict__ for r in layers]),
         KEY_PARAMS: json.dumps(param_entries),
     }
@@ -100,3 +119,15 @@ def param_records(model: ModelProto) -> list[dict]:
     """The per-initializer param records of a caffeonnx model ([] for foreign ONNX)."""
     raw = read_metadata(model).get(KEY_PARAMS)
     return json.loads(raw) if raw else []
+
+
+def net_state(model: ModelProto) -> caffe_pb2.NetState | None:
+    """The NetState a caffeonnx model was converted with (None for foreign ONNX or older models)."""
+    text = read_metadata(model).get(KEY_STATE)
+    return None if text is None else text_format.Parse(text, caffe_pb2.NetState())
+
+
+def input_shapes(model: ModelProto) -> dict[str, list[int]]:
+    """The Caffe shape each graph input was converted with ({} for foreign ONNX or older models)."""
+    raw = read_metadata(model).get(KEY_INPUT_SHAPES)
+    return json.loads(raw) if raw else {}
