@@ -4,6 +4,7 @@
 lists each shared blob once with all its users, `caffe.layers` maps every converted
 layer to its ONNX values, and the NetState and input shapes used are recorded.
 """
+
 from __future__ import annotations
 
 import json
@@ -109,11 +110,15 @@ def test_params_carry_each_specs_multipliers(case: str, phase: int) -> None:
             spec = params[index] if index < len(params) else caffe_pb2.ParamSpec()
             for attr in ("lr_mult", "decay_mult"):
                 if spec.HasField(attr):
-                    assert r[attr] == pytest.approx(getattr(spec, attr)), f"{case}: {r['name']} {attr} vs {layer_name}[{index}]"
+                    assert r[attr] == pytest.approx(getattr(spec, attr)), (
+                        f"{case}: {r['name']} {attr} vs {layer_name}[{index}]"
+                    )
         if not any(i < len(layers[u].param) and layers[u].param[i].HasField("lr_mult") for u, i in r["users"]):
             # Caffe's default is 1, except that BatchNorm's LayerSetUp freezes its statistics with lr_mult 0.
             default = 0.0 if layers[r["users"][0][0]].type == "BatchNorm" else 1.0
-            assert r["lr_mult"] == default, f"{case}: {r['name']} lr_mult {r['lr_mult']} without a spec (Caffe: {default})"
+            assert r["lr_mult"] == default, (
+                f"{case}: {r['name']} lr_mult {r['lr_mult']} without a spec (Caffe: {default})"
+            )
 
 
 @pytest.mark.parametrize(("case", "phase"), CASES)
@@ -129,7 +134,9 @@ def test_layers_map_every_converted_layer_to_its_onnx_values(case: str, phase: i
     for layer, r in zip(converted, records):
         assert len(r.tops) == len(layer.top), f"{case}: {layer.name} tops {r.tops} vs Caffe's {list(layer.top)}"
         assert set(r.tops) <= values, f"{case}: {layer.name} tops {sorted(set(r.tops) - values)} are not graph values"
-        assert set(r.bottoms) <= values, f"{case}: {layer.name} bottoms {sorted(set(r.bottoms) - values)} are not graph values"
+        assert set(r.bottoms) <= values, (
+            f"{case}: {layer.name} bottoms {sorted(set(r.bottoms) - values)} are not graph values"
+        )
         for top, onnx_name in zip(layer.top, r.tops):
             if last_writer[top] == layer.name:
                 assert onnx_name == top, f"{case}: the last write of blob {top!r} is ONNX value {onnx_name!r}"
@@ -213,7 +220,11 @@ def test_rich_net_params_and_state(phase: int, stages: tuple[str, ...], layers: 
     assert records["W"]["users"] == [["enc", 0], ["dec", 0]]
     assert (records["W"]["lr_mult"], records["W"]["decay_mult"]) == (1.0, 1.0)
     assert (records["b_enc"]["lr_mult"], records["b_enc"]["decay_mult"]) == (2.0, 0.0)
-    assert (records["dec.bias"]["lr_mult"], records["dec.bias"]["decay_mult"], records["dec.bias"]["caffe_name"]) == (3.0, 1.0, "")
+    assert (records["dec.bias"]["lr_mult"], records["dec.bias"]["decay_mult"], records["dec.bias"]["caffe_name"]) == (
+        3.0,
+        1.0,
+        "",
+    )
     assert records["cls.weight"]["users"] == [["cls", 0]] and records["cls.weight"]["lr_mult"] == 1.0
     assert metadata.read_metadata(model)[metadata.KEY_PHASE] == caffe_pb2.Phase.Name(phase)
     assert metadata.net_state(model) == caffe_pb2.NetState(phase=phase, level=0, stage=list(stages))
@@ -244,7 +255,9 @@ def test_training_losses_get_their_weights_from_the_stored_net() -> None:
     _, model = _rich(TRAIN, ())
     net = metadata.caffe_net_from(model)
     layers = {layer.name: layer for layer in net.layer}
-    weights = {t: w for r in metadata.layer_records(model) for t, w in zip(r.tops, effective_loss_weights(layers[r.name])) if w}
+    weights = {
+        t: w for r in metadata.layer_records(model) for t, w in zip(r.tops, effective_loss_weights(layers[r.name])) if w
+    }
     assert weights == {"rec_loss": 0.5, "cls_loss": 1.0}, weights
     assert set(weights) <= {o.name for o in model.graph.output}
     assert np.isfinite(list(weights.values())).all()

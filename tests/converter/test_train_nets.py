@@ -3,6 +3,7 @@
 `losses.npy[0]` is the `loss` blob Caffe computed on `data.npz[...][0]` with
 `init.caffemodel`, before any update: the forward pass of a training net, loss included.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,7 +21,9 @@ TRAIN_CASES = ["train_tied_sgd", "train_deep_adam", "train_deep_nesterov", "trai
 
 def test_every_train_fixture_is_covered() -> None:
     found = sorted(
-        p.name for p in REFERENCE.iterdir() if (p / "case.json").exists() and json.loads((p / "case.json").read_text())["kind"] == "train"
+        p.name
+        for p in REFERENCE.iterdir()
+        if (p / "case.json").exists() and json.loads((p / "case.json").read_text())["kind"] == "train"
     )
     assert found == sorted(TRAIN_CASES), f"train fixtures {found} vs cases tested {sorted(TRAIN_CASES)}"
 

@@ -1,4 +1,5 @@
 """Accuracy: the share of labels ranked within the top k, computed in the graph as Caffe does."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -20,7 +21,7 @@ from caffeonnx.proto import caffe_pb2
 
 @register_layer("Accuracy")
 def convert_accuracy(layer: caffe_pb2.LayerParameter, ctx: LayerContext) -> None:
-    """Accuracy: fraction of non-ignored labels whose score has at most top_k scores >= it; top 1 is per-class accuracy."""
+    """Accuracy: share of kept labels with at most top_k scores >= their own; top 1 is the per-class accuracy."""
     check_blob_counts(ctx, 2, 1, 2)
     check_opset(ctx)
     p = layer.accuracy_param
@@ -36,8 +37,9 @@ def convert_accuracy(layer: caffe_pb2.LayerParameter, ctx: LayerContext) -> None
     labels, mask = labels_view(ctx, ctx.inputs[1], inner, p.ignore_label if p.HasField("ignore_label") else None)
     truth = ctx.node("GatherElements", [scores, labels], axis=1)
     # The true class counts itself as "better", so a hit has at most top_k scores >= its own.
-    better = reduce_sum(ctx, ctx.node("Cast", [ctx.node("GreaterOrEqual", [scores, truth])], to=TensorProto.FLOAT),
-                        axes=[1], keepdims=1)
+    better = reduce_sum(
+        ctx, ctx.node("Cast", [ctx.node("GreaterOrEqual", [scores, truth])], to=TensorProto.FLOAT), axes=[1], keepdims=1
+    )
     top_k = ctx.const(np.array(float(p.top_k), dtype=np.float32), "top_k")
     hit = ctx.node("LessOrEqual", [better, top_k])
     if mask is not None:
@@ -45,7 +47,9 @@ def convert_accuracy(layer: caffe_pb2.LayerParameter, ctx: LayerContext) -> None
     hits = ctx.node("Cast", [hit], to=TensorProto.FLOAT)
     one = ctx.const(np.array(1.0, dtype=np.float32), "one")
     # Caffe reports 0 when every label is ignored; max(count, 1) gives the same 0 / 1.
-    count = float_count(ctx, labels) if mask is None else reduce_sum(ctx, ctx.node("Cast", [mask], to=TensorProto.FLOAT))
+    count = (
+        float_count(ctx, labels) if mask is None else reduce_sum(ctx, ctx.node("Cast", [mask], to=TensorProto.FLOAT))
+    )
     ctx.node("Div", [reduce_sum(ctx, hits), ctx.node("Max", [count, one])], [ctx.outputs[0]])
     ctx.set_output_shape(0, ())
     if len(ctx.outputs) < 2:
@@ -53,8 +57,9 @@ def convert_accuracy(layer: caffe_pb2.LayerParameter, ctx: LayerContext) -> None
     # Per class c: hits among the labels equal to c over how many there are (0 when none).
     flat = [-1, 1]
     class_ids = ctx.const(np.arange(classes, dtype=np.int64).reshape(1, classes), "class_ids")
-    is_class = ctx.node("Equal", [ctx.node("Reshape", [labels, ctx.const(np.array(flat, dtype=np.int64), "shape")]),
-                                  class_ids])
+    is_class = ctx.node(
+        "Equal", [ctx.node("Reshape", [labels, ctx.const(np.array(flat, dtype=np.int64), "shape")]), class_ids]
+    )
     if mask is not None:
         flat_mask = ctx.node("Reshape", [mask, ctx.const(np.array(flat, dtype=np.int64), "shape")])
         is_class = ctx.node("And", [is_class, flat_mask])

@@ -5,6 +5,7 @@ the ONNX output is that raw value under Caffe's top name.  Label bottoms arrive 
 blobs, as in Caffe, and are cast to int64 in the graph where Caffe does static_cast<int>.
 Counts that depend on the batch come from Size at run time, never from the converted shape.
 """
+
 from __future__ import annotations
 
 import math
@@ -24,10 +25,17 @@ FLT_MIN = float(np.finfo(np.float32).tiny)  # Caffe clamps probabilities to FLT_
 
 
 # Caffe's LossLayer subclasses: their top 0 weighs 1 in the objective unless loss_weight says otherwise.
-LOSS_LAYER_TYPES = frozenset({
-    "ContrastiveLoss", "EuclideanLoss", "HingeLoss", "InfogainLoss", "MultinomialLogisticLoss",
-    "SigmoidCrossEntropyLoss", "SoftmaxWithLoss",
-})
+LOSS_LAYER_TYPES = frozenset(
+    {
+        "ContrastiveLoss",
+        "EuclideanLoss",
+        "HingeLoss",
+        "InfogainLoss",
+        "MultinomialLogisticLoss",
+        "SigmoidCrossEntropyLoss",
+        "SoftmaxWithLoss",
+    }
+)
 
 
 def effective_loss_weights(layer: caffe_pb2.LayerParameter) -> list[float]:
@@ -44,7 +52,8 @@ def effective_loss_weights(layer: caffe_pb2.LayerParameter) -> list[float]:
     if len(weights) != len(layer.top):
         hint = " (loss layers weigh their first top 1 by default)" if not layer.loss_weight else ""
         raise LayerError(
-            layer.name, layer.type,
+            layer.name,
+            layer.type,
             f"loss_weight must be unspecified or specified once per top blob: {len(weights)} weight(s) "
             f"{weights!r}{hint} for {len(layer.top)} tops {list(layer.top)!r}; give one loss_weight per top, "
             "e.g. loss_weight: 1 loss_weight: 0",
@@ -56,7 +65,9 @@ def check_blob_counts(ctx: LayerContext, bottoms: int, min_tops: int, max_tops: 
     """Caffe's ExactNumBottomBlobs / Min/MaxTopBlobs and loss_weight count checks, naming the layer."""
     nb, nt = len(ctx.layer.bottom), len(ctx.layer.top)
     if nb != bottoms:
-        raise ctx.error(f"takes {bottoms} bottom blob(s) (predictions, labels) but has {nb}: {list(ctx.layer.bottom)!r}")
+        raise ctx.error(
+            f"takes {bottoms} bottom blob(s) (predictions, labels) but has {nb}: {list(ctx.layer.bottom)!r}"
+        )
     if not min_tops <= nt <= max_tops:
         want = str(min_tops) if min_tops == max_tops else f"{min_tops} to {max_tops}"
         raise ctx.error(f"takes {want} top blob(s) but has {nt}: {list(ctx.layer.top)!r}")
@@ -121,9 +132,7 @@ def valid_mask(ctx: LayerContext, labels: str, ignore_label: int) -> str:
     return ctx.node("Not", [same])
 
 
-def normalized(
-    ctx: LayerContext, total: str, mode: int, full: Count, valid: Count, batch: Count
-) -> None:
+def normalized(ctx: LayerContext, total: str, mode: int, full: Count, valid: Count, batch: Count) -> None:
     """Write total / max(1, normalizer) to top 0, the normalizer chosen as Caffe's get_normalizer.
 
     `full`, `valid` and `batch` emit their count only when the mode asks for it.
@@ -176,7 +185,7 @@ def convert_euclidean_loss(layer: caffe_pb2.LayerParameter, ctx: LayerContext) -
 
 @register_layer("SigmoidCrossEntropyLoss")
 def convert_sigmoid_cross_entropy_loss(layer: caffe_pb2.LayerParameter, ctx: LayerContext) -> None:
-    """SigmoidCrossEntropyLoss: Σ max(x,0) - x·t + log(1 + e^-|x|) over non-ignored targets, normalised (default BATCH_SIZE)."""
+    """SigmoidCrossEntropyLoss: Σ max(x,0) - x·t + log(1 + e^-|x|) over kept targets / normaliser (BATCH_SIZE)."""
     check_blob_counts(ctx, 2, 1, 1)
     check_same_num(ctx)
     (x, t), (x_shape, t_shape) = ctx.inputs[:2], ctx.input_shapes[:2]
@@ -187,17 +196,17 @@ def convert_sigmoid_cross_entropy_loss(layer: caffe_pb2.LayerParameter, ctx: Lay
         )
     t = like_first_bottom(ctx, t, t_shape, x_shape)
     # Caffe's stable form: x·(t - [x >= 0]) - log(1 + exp(x - 2x·[x >= 0])), negated.
-    soft = ctx.node("Log", [ctx.node("Add", [
-        ctx.const(np.array(1.0, dtype=np.float32), "one"),
-        ctx.node("Exp", [ctx.node("Neg", [ctx.node("Abs", [x])])]),
-    ])])
+    exp_neg_abs = ctx.node("Exp", [ctx.node("Neg", [ctx.node("Abs", [x])])])
+    soft = ctx.node("Log", [ctx.node("Add", [ctx.const(np.array(1.0, dtype=np.float32), "one"), exp_neg_abs])])
     per = ctx.node("Add", [ctx.node("Sub", [ctx.node("Relu", [x]), ctx.node("Mul", [x, t])]), soft])
     p = layer.loss_param
     mask = valid_mask(ctx, int_labels(ctx, t), p.ignore_label) if p.HasField("ignore_label") else None
     if mask is not None:
         per = ctx.node("Where", [mask, per, ctx.const(np.array(0.0, dtype=np.float32), "zero")])
     normalized(
-        ctx, reduce_sum(ctx, per), normalization_mode(p, Mode.BATCH_SIZE),
+        ctx,
+        reduce_sum(ctx, per),
+        normalization_mode(p, Mode.BATCH_SIZE),
         full=lambda: float_count(ctx, x),
         valid=lambda: float_count(ctx, x) if mask is None else count_true(ctx, mask),
         batch=lambda: float_count(ctx, x, math.prod(x_shape[1:])),
@@ -206,14 +215,14 @@ def convert_sigmoid_cross_entropy_loss(layer: caffe_pb2.LayerParameter, ctx: Lay
 
 def class_view(ctx: LayerContext, x: str, shape: Shape, axis: int) -> tuple[str, int, int]:
     """`x` as (outer, classes, inner) around `axis`, with its class count and inner count."""
-    classes, inner = shape[axis], math.prod(shape[axis + 1:])
+    classes, inner = shape[axis], math.prod(shape[axis + 1 :])
     dims = [1, -1, inner] if axis == 0 else [-1, classes, inner]
     return batch_reshape(ctx, x, dims), classes, inner
 
 
 def check_label_count(ctx: LayerContext, shape: Shape, axis: int) -> None:
     """Caffe: outer_num * inner_num must equal the label count."""
-    outer, inner = math.prod(shape[:axis]), math.prod(shape[axis + 1:])
+    outer, inner = math.prod(shape[:axis]), math.prod(shape[axis + 1 :])
     labels = math.prod(ctx.input_shapes[1])
     if outer * inner != labels:
         raise ctx.error(
@@ -236,7 +245,7 @@ def labels_view(ctx: LayerContext, label: str, inner: int, ignore: int | None) -
 
 @register_layer("SoftmaxWithLoss")
 def convert_softmax_with_loss(layer: caffe_pb2.LayerParameter, ctx: LayerContext) -> None:
-    """SoftmaxWithLoss: Σ -log(max(softmax(x)[label], FLT_MIN)) over non-ignored labels, normalised (default VALID); top 1 is the softmax."""
+    """SoftmaxWithLoss: Σ -log(max(softmax(x)[label], FLT_MIN)) over kept labels / normaliser (VALID); top 1: prob."""
     check_blob_counts(ctx, 2, 1, 2)
     check_opset(ctx)
     check_same_num(ctx)
@@ -255,7 +264,9 @@ def convert_softmax_with_loss(layer: caffe_pb2.LayerParameter, ctx: LayerContext
     if mask is not None:
         nll = ctx.node("Where", [mask, nll, ctx.const(np.array(0.0, dtype=np.float32), "zero")])
     normalized(
-        ctx, reduce_sum(ctx, nll), normalization_mode(p, Mode.VALID),
+        ctx,
+        reduce_sum(ctx, nll),
+        normalization_mode(p, Mode.VALID),
         full=lambda: float_count(ctx, labels),
         valid=lambda: float_count(ctx, labels) if mask is None else count_true(ctx, mask),
         batch=lambda: float_count(ctx, labels, inner),

@@ -1,4 +1,5 @@
 """Loss layers against numpy transcriptions of Caffe's Forward_cpu (atol 1e-5, rtol 1e-4)."""
+
 from __future__ import annotations
 
 import math
@@ -17,8 +18,11 @@ FLT_MIN = np.finfo(np.float32).tiny
 MODES = ["FULL", "VALID", "BATCH_SIZE", "NONE"]
 
 
-def net(loss_type: str, x_shape: tuple[int, ...], label_shape: tuple[int, ...], extra: str = "", tops: str = 'top: "loss"') -> str:
+def net(
+    loss_type: str, x_shape: tuple[int, ...], label_shape: tuple[int, ...], extra: str = "", tops: str = 'top: "loss"'
+) -> str:
     """An Input layer feeding predictions `x` and labels `label` to one loss layer."""
+
     def dims(s: tuple[int, ...]) -> str:
         return " ".join(f"dim: {d}" for d in s)
 
@@ -58,13 +62,16 @@ def caffe_normalizer(mode: str, outer: int, inner: int, valid: int) -> float:
 
 # --- EuclideanLoss ---------------------------------------------------------------
 
+
 def euclidean_ref(a: np.ndarray, b: np.ndarray) -> float:
     """Caffe: dot(a - b, a - b) / num / 2 over the flat arrays."""
     d = a.reshape(-1).astype(np.float64) - b.reshape(-1).astype(np.float64)
     return float(d @ d / a.shape[0] / 2)
 
 
-@pytest.mark.parametrize(("x_shape", "label_shape"), [((4, 6), (4, 6)), ((3, 2, 5), (3, 10)), ((2, 3, 2, 2), (2, 12, 1, 1))])
+@pytest.mark.parametrize(
+    ("x_shape", "label_shape"), [((4, 6), (4, 6)), ((3, 2, 5), (3, 10)), ((2, 3, 2, 2), (2, 12, 1, 1))]
+)
 @pytest.mark.parametrize("fed_batch", [None, 7])
 def test_euclidean_loss(x_shape: tuple[int, ...], label_shape: tuple[int, ...], fed_batch: int | None) -> None:
     g = rng(1)
@@ -76,16 +83,21 @@ def test_euclidean_loss(x_shape: tuple[int, ...], label_shape: tuple[int, ...], 
 
 
 def test_euclidean_loss_refuses_different_dimensions() -> None:
-    with pytest.raises(LayerError, match=r"'loss' \(EuclideanLoss\): Inputs must have the same dimension.*\[4, 6\].*\[4, 5\]"):
+    with pytest.raises(
+        LayerError, match=r"'loss' \(EuclideanLoss\): Inputs must have the same dimension.*\[4, 6\].*\[4, 5\]"
+    ):
         convert_text(net("EuclideanLoss", (4, 6), (4, 5)))
 
 
 def test_loss_refuses_different_num() -> None:
-    with pytest.raises(LayerError, match=r"same number: bottom 'x' has shape \[4, 6\], bottom 'label' has shape \[3, 8\]"):
+    with pytest.raises(
+        LayerError, match=r"same number: bottom 'x' has shape \[4, 6\], bottom 'label' has shape \[3, 8\]"
+    ):
         convert_text(net("EuclideanLoss", (4, 6), (3, 8)))
 
 
 # --- SigmoidCrossEntropyLoss -----------------------------------------------------
+
 
 def sigmoid_ce_ref(x: np.ndarray, t: np.ndarray, mode: str, ignore: int | None) -> float:
     """Caffe's loop: skip int(t) == ignore, accumulate the stable form, divide by the normalizer."""
@@ -97,7 +109,9 @@ def sigmoid_ce_ref(x: np.ndarray, t: np.ndarray, mode: str, ignore: int | None) 
     return float(per[keep].sum() / caffe_normalizer(mode, outer, x.size // outer, int(keep.sum())))
 
 
-@pytest.mark.parametrize(("mode", "legacy"), [(None, None), *((m, None) for m in MODES), (None, True), (None, False), ("NONE", True)])
+@pytest.mark.parametrize(
+    ("mode", "legacy"), [(None, None), *((m, None) for m in MODES), (None, True), (None, False), ("NONE", True)]
+)
 @pytest.mark.parametrize("ignore", [None, -1, 1])
 def test_sigmoid_cross_entropy_loss(mode: str | None, legacy: bool | None, ignore: int | None) -> None:
     g = rng(2)
@@ -123,15 +137,20 @@ def test_sigmoid_cross_entropy_batch_is_dynamic() -> None:
     model = convert_text(net("SigmoidCrossEntropyLoss", (4, 6), (4, 6)))
     g = rng(3)
     x, t = g.normal(size=(9, 6)).astype(np.float32), g.uniform(size=(9, 6)).astype(np.float32)
-    assert_close(run(model, {"x": x, "label": t})["loss"], np.array(sigmoid_ce_ref(x, t, "BATCH_SIZE", None), np.float32), "loss")
+    assert_close(
+        run(model, {"x": x, "label": t})["loss"], np.array(sigmoid_ce_ref(x, t, "BATCH_SIZE", None), np.float32), "loss"
+    )
 
 
 def test_sigmoid_cross_entropy_refuses_count_mismatch() -> None:
-    with pytest.raises(LayerError, match=r"SIGMOID_CROSS_ENTROPY_LOSS layer inputs must have the same count.*\[4, 6\].*\[4, 5\]"):
+    with pytest.raises(
+        LayerError, match=r"SIGMOID_CROSS_ENTROPY_LOSS layer inputs must have the same count.*\[4, 6\].*\[4, 5\]"
+    ):
         convert_text(net("SigmoidCrossEntropyLoss", (4, 6), (4, 5)))
 
 
 # --- SoftmaxWithLoss -------------------------------------------------------------
+
 
 def softmax32(x: np.ndarray, axis: int) -> np.ndarray:
     """Caffe's float32 softmax: subtract the max, exp, divide by the sum."""
@@ -142,7 +161,7 @@ def softmax32(x: np.ndarray, axis: int) -> np.ndarray:
 def softmax_loss_ref(x: np.ndarray, label: np.ndarray, axis: int, mode: str, ignore: int | None) -> float:
     """Caffe's outer/inner loop over labels with -log(max(p, FLT_MIN))."""
     prob = softmax32(x, axis)
-    outer, inner = math.prod(x.shape[:axis]), math.prod(x.shape[axis + 1:])
+    outer, inner = math.prod(x.shape[:axis]), math.prod(x.shape[axis + 1 :])
     p3 = prob.reshape(outer, x.shape[axis], inner)
     lab = label.reshape(-1)
     loss, count = 0.0, 0
@@ -157,15 +176,25 @@ def softmax_loss_ref(x: np.ndarray, label: np.ndarray, axis: int, mode: str, ign
 
 
 # (prediction shape, softmax axis, label shape): labels number outer*inner and share the first axis.
-SOFTMAX_SHAPES = [((6, 5), 1, (6,)), ((3, 4, 2, 3), 1, (3, 1, 2, 3)), ((3, 4, 2, 3), 2, (3, 12)),
-                  ((2, 3, 5), -1, (2, 3)), ((2, 4), 0, (2, 2))]
+SOFTMAX_SHAPES = [
+    ((6, 5), 1, (6,)),
+    ((3, 4, 2, 3), 1, (3, 1, 2, 3)),
+    ((3, 4, 2, 3), 2, (3, 12)),
+    ((2, 3, 5), -1, (2, 3)),
+    ((2, 4), 0, (2, 2)),
+]
 
 
 @pytest.mark.parametrize(("shape", "axis", "label_shape"), SOFTMAX_SHAPES)
 @pytest.mark.parametrize(("mode", "legacy"), [(None, None), *((m, None) for m in MODES), (None, True), (None, False)])
 @pytest.mark.parametrize("ignore", [None, 2])
 def test_softmax_with_loss(
-    shape: tuple[int, ...], axis: int, label_shape: tuple[int, ...], mode: str | None, legacy: bool | None, ignore: int | None
+    shape: tuple[int, ...],
+    axis: int,
+    label_shape: tuple[int, ...],
+    mode: str | None,
+    legacy: bool | None,
+    ignore: int | None,
 ) -> None:
     g = rng(4)
     ax = axis % len(shape)
@@ -174,7 +203,9 @@ def test_softmax_with_loss(
     extra = f"softmax_param {{ axis: {axis} }} {loss_param(mode, ignore, legacy)}"
     out = run(convert_text(net("SoftmaxWithLoss", shape, label_shape, extra)), {"x": x, "label": label})
     want = softmax_loss_ref(x, label, ax, caffe_mode(mode, legacy, "VALID"), ignore)
-    assert_close(out["loss"], np.array(want, dtype=np.float32), f"loss (shape {shape}, axis {axis}, {mode}, ignore={ignore})")
+    assert_close(
+        out["loss"], np.array(want, dtype=np.float32), f"loss (shape {shape}, axis {axis}, {mode}, ignore={ignore})"
+    )
 
 
 @pytest.mark.parametrize("fed_batch", [2, 11])
@@ -182,8 +213,9 @@ def test_softmax_with_loss_prob_top_and_dynamic_batch(fed_batch: int) -> None:
     g = rng(5)
     x = g.normal(size=(fed_batch, 4, 3)).astype(np.float32)
     label = g.integers(0, 4, size=(fed_batch, 1, 3)).astype(np.float32)
-    model = convert_text(net("SoftmaxWithLoss", (5, 4, 3), (5, 1, 3), "loss_weight: 1 loss_weight: 0",
-                             tops='top: "loss" top: "prob"'))
+    model = convert_text(
+        net("SoftmaxWithLoss", (5, 4, 3), (5, 1, 3), "loss_weight: 1 loss_weight: 0", tops='top: "loss" top: "prob"')
+    )
     out = run(model, {"x": x, "label": label})
     assert_close(out["prob"], softmax32(x, 1), "prob")
     assert_close(out["loss"], np.array(softmax_loss_ref(x, label, 1, "VALID", None), dtype=np.float32), "loss")
@@ -204,7 +236,9 @@ def test_softmax_with_loss_all_ignored_is_zero_not_nan() -> None:
 
 
 def test_softmax_with_loss_refuses_label_count_mismatch() -> None:
-    with pytest.raises(LayerError, match=r"Number of labels must match number of predictions.*\[4, 5, 3\].*12 labels.*\[4, 5\] \(20\)"):
+    with pytest.raises(
+        LayerError, match=r"Number of labels must match number of predictions.*\[4, 5, 3\].*12 labels.*\[4, 5\] \(20\)"
+    ):
         convert_text(net("SoftmaxWithLoss", (4, 5, 3), (4, 5)))
 
 
@@ -226,22 +260,30 @@ def test_loss_refuses_wrong_blob_counts() -> None:
 
 def test_softmax_with_loss_prob_top_needs_explicit_loss_weights() -> None:
     # Caffe's LossLayer adds loss_weight 1 for top 0 only, then SetLossWeights aborts on 1 weight for 2 tops.
-    with pytest.raises(LayerError, match=r"once per top blob: 1 weight\(s\) \[1.0\] \(loss layers weigh their first top 1 by "
-                       r"default\) for 2 tops \['loss', 'prob'\].*loss_weight: 1 loss_weight: 0"):
+    with pytest.raises(
+        LayerError,
+        match=r"once per top blob: 1 weight\(s\) \[1.0\] \(loss layers weigh their first top 1 by "
+        r"default\) for 2 tops \['loss', 'prob'\].*loss_weight: 1 loss_weight: 0",
+    ):
         convert_text(net("SoftmaxWithLoss", (4, 5), (4,), tops='top: "loss" top: "prob"'))
 
 
-@pytest.mark.parametrize(("layer_text", "want"), [
-    ('type: "SoftmaxWithLoss" top: "loss"', [1.0]),
-    ('type: "EuclideanLoss" top: "loss" loss_weight: 0.25', [0.25]),
-    ('type: "SoftmaxWithLoss" top: "loss" top: "prob" loss_weight: 2 loss_weight: 0', [2.0, 0.0]),
-    ('type: "Accuracy" top: "acc" top: "per_class"', [0.0, 0.0]),
-    ('type: "InnerProduct" top: "ip" loss_weight: 0.5', [0.5]),
-])
+@pytest.mark.parametrize(
+    ("layer_text", "want"),
+    [
+        ('type: "SoftmaxWithLoss" top: "loss"', [1.0]),
+        ('type: "EuclideanLoss" top: "loss" loss_weight: 0.25', [0.25]),
+        ('type: "SoftmaxWithLoss" top: "loss" top: "prob" loss_weight: 2 loss_weight: 0', [2.0, 0.0]),
+        ('type: "Accuracy" top: "acc" top: "per_class"', [0.0, 0.0]),
+        ('type: "InnerProduct" top: "ip" loss_weight: 0.5', [0.5]),
+    ],
+)
 def test_effective_loss_weights(layer_text: str, want: list[float]) -> None:
     layer = caffe_pb2.LayerParameter()
     text_format.Parse(f'name: "l" {layer_text}', layer)
-    assert effective_loss_weights(layer) == want, f"{layer_text}: loss weights {effective_loss_weights(layer)} != {want}"
+    assert effective_loss_weights(layer) == want, (
+        f"{layer_text}: loss weights {effective_loss_weights(layer)} != {want}"
+    )
 
 
 def test_softmax_with_loss_needs_opset_13() -> None:
