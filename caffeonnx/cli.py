@@ -207,5 +207,9 @@ def main() -> None:
         sys.exit(130)
 
 
+from caffeonnx.runtime.commands import register as register_runtime  # noqa: E402
+register_runtime(app)
+
+
 if __name__ == "__main__":
     main()

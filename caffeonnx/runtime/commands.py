@@ -1,0 +1,85 @@
+"""The runtime's typer commands: encoder, encode, export-triton, serve, bench.
+
+`register(app)` adds them to the `caffeonnx` CLI; each command is a thin wrapper
+over the runtime API, and user errors propagate as CaffeOnnxError (one line, exit 2).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from caffeonnx.errors import CaffeOnnxError
+
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
+
+DeviceOption = Annotated[str, typer.Option("--device", help="auto (CUDA when it starts, else CPU), cpu or cuda.")]
+ThreadsOption = Annotated[int, typer.Option("--threads", help="Intra-op CPU threads (0: onnxruntime's default).")]
+ModelArg = Annotated[Path, typer.Argument(help="ONNX model (an encoder, or an autoencoder for 'encoder').")]
+
+
+def _session_config(device: str, threads: int = 0, **kw: object):
+    from caffeonnx.runtime.session import DEVICES, SessionConfig
+
+    if device not in DEVICES:
+        raise CaffeOnnxError(f"--device must be one of {', '.join(DEVICES)}, got {device!r}")
+    if threads < 0:
+        raise CaffeOnnxError(f"--threads must be 0 or positive, got {threads}")
+    return SessionConfig(device=device, intra_threads=threads, **kw)  # type: ignore[arg-type]
+
+
+def encoder(
+    model: ModelArg,
+    output: Annotated[Path, typer.Option("-o", "--output", help="Encoder .onnx to write (atomically).")],
+    code: Annotated[str | None, typer.Option("--code", help="Cut at this blob (default: the narrowest on the "
+                                                "input->reconstruction path).")] = None,
+) -> None:
+    """Cut an autoencoder at its code blob: keep the encoder, drop decoder and loss."""
+    import onnx
+
+    from caffeonnx.runtime.encoder import extract_encoder, load_model, save_model
+
+    enc, choice = extract_encoder(load_model(model), code)
+    onnx.checker.check_model(enc, full_check=True)
+    save_model(enc, output)
+    how = "named with --code" if choice.reconstruction is None else f"narrowest on the path to {choice.reconstruction!r}"
+    width = f"{choice.width} values per sample" if choice.width is not None else "width not static"
+    out.print(f"code blob {choice.code!r} ({width}; {how})", highlight=False)
+    out.print(f"wrote {output} ({len(enc.graph.node)} nodes, {len(enc.graph.initializer)} initializers)",
+              highlight=False)
+
+
+def encode(
+    model: Annotated[Path, typer.Argument(help="Encoder .onnx (see 'caffeonnx encoder').")],
+    inputs: Annotated[Path, typer.Argument(help="Samples: .npy, .npz or IDX (MNIST), gzip allowed.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Codes .npy to write (atomically).")],
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Samples per run.")] = 1024,
+    device: DeviceOption = "auto",
+    threads: ThreadsOption = 0,
+    key: Annotated[str | None, typer.Option("--key", help="Array to read from an .npz holding several.")] = None,
+    scale: Annotated[float | None, typer.Option(
+        "--scale", help="Multiply samples by this after casting to float (default: 1/255 for uint8, else 1).")] = None,
+) -> None:
+    """Encode a file of samples into a .npy of codes, streaming (memory stays bounded)."""
+    from caffeonnx.runtime.encode import encode_file
+    from caffeonnx.runtime.session import EncoderSession
+
+    session = EncoderSession(model, _session_config(device, threads, warmup=()))
+    err.print(f"running on {session.describe()}", highlight=False)
+    columns = (TextColumn("encoding"), BarColumn(), MofNCompleteColumn(), TextColumn("samples"), TimeRemainingColumn())
+    with Progress(*columns, console=err, transient=True) as bar:
+        task = bar.add_task("encode", total=None)
+        result = encode_file(session, inputs, output, batch_size, key, scale,
+                             progress=lambda done, total: bar.update(task, completed=done, total=total))
+    out.print(f"wrote {result.output}: {result.samples} codes of shape {list(result.code_shape)} "
+              f"(inputs scaled by {result.scale:.6g})", highlight=False)
+
+
+def register(app: typer.Typer) -> None:
+    """Add the runtime commands to the `caffeonnx` CLI."""
+    app.command("encoder")(encoder)
+    app.command("encode")(encode)
