@@ -126,8 +126,8 @@ def _pool(ctx: LayerContext, op: str, x: str, geo: PoolGeometry, outputs: list[s
 def _add_outside(ctx: LayerContext, y: str, geo: PoolGeometry, value: float, output: str | None = None) -> str:
     """Append the windows lying wholly outside the input, which hold Caffe's empty-window `value`.
 
-    Padding the pool's output (rather than its input) keeps every pool pad below the kernel,
-    which ONNX Runtime requires, also after it fuses a zero Pad into a following pool.
+    Padding the pool's output rather than its input keeps every pool pad below the kernel, as
+    ONNX Runtime requires (it would also fuse a zero Pad placed before a pool into its pads).
     """
     spec = np.array([0, 0, 0, 0, 0, 0, *geo.outside], dtype=np.int64)
     return ctx.node("Pad", [y, ctx.const(spec, "pads"), ctx.const(np.float32(value), "fill")],
