@@ -29,8 +29,6 @@ FORWARD_CASES = sorted(
     p.name for p in REFERENCE.iterdir()
     if (p / "case.json").exists() and json.loads((p / "case.json").read_text())["kind"] == "forward"
 )
-# Cases whose every layer type converts today (prototxt and ONNX inspection convert the net).
-FC_CASES = ["tied_ae", "deep_tied_ae", "siamese_shared"]
 
 PERMISSIVE_NET = """
 name: "permissive"
@@ -75,7 +73,7 @@ def test_caffemodel_counts_match_caffe(case: str) -> None:
     assert [layer.name for layer in insp.layers] == [layer.name for layer in stored.net.layer or stored.net.layers]
 
 
-@pytest.mark.parametrize("case", FC_CASES)
+@pytest.mark.parametrize("case", FORWARD_CASES)
 @pytest.mark.parametrize("fmt", ["prototxt", "onnx", "caffemodel"])
 def test_same_facts_from_every_format(case: str, fmt: str, tmp_path: Path) -> None:
     d = REFERENCE / case
@@ -253,3 +251,17 @@ def test_layer_shapes_are_consistent_with_math() -> None:
             (n_out,) = shapes[layer.tops[0]][1:]
             assert math.prod(layer.param_shapes[0]) == n_in * n_out, layer.name
             assert layer.param_shapes[1] == [n_out], layer.name
+
+
+@pytest.mark.parametrize("case", FORWARD_CASES)
+def test_prototxt_blob_shapes_are_caffes(case: str) -> None:
+    """Every blob's shape (its last writer's top) equals the shape real Caffe gave it (blobs.npz).
+
+    blobs.npz also holds the Split copies Caffe inserts itself; those are not layers of the prototxt.
+    """
+    insp = inspect_file(REFERENCE / case / "net.prototxt")
+    shapes = {t: s for layer in insp.layers for t, s in zip(layer.tops, layer.top_shapes)}
+    with np.load(REFERENCE / case / "blobs.npz") as blobs:
+        assert set(shapes) <= set(blobs.files), f"{case}: blobs Caffe does not have: {set(shapes) - set(blobs.files)}"
+        want = {name: list(blobs[name].shape) for name in shapes}
+    assert shapes == want, case
