@@ -265,3 +265,22 @@ def test_prototxt_blob_shapes_are_caffes(case: str) -> None:
         assert set(shapes) <= set(blobs.files), f"{case}: blobs Caffe does not have: {set(shapes) - set(blobs.files)}"
         want = {name: list(blobs[name].shape) for name in shapes}
     assert shapes == want, case
+
+
+@pytest.mark.parametrize("phase", ["TEST", "TRAIN"])
+def test_onnx_layers_of_the_converted_phase(phase: str, tmp_path: Path) -> None:
+    """Two phase-only layers may share a name: the ONNX report shows the converted phase's one."""
+    proto = tmp_path / "phases.prototxt"
+    proto.write_text(PERMISSIVE_NET + """
+layer { name: "head" type: "InnerProduct" bottom: "enc" top: "out" include { phase: TEST }
+  inner_product_param { num_output: 4 } }
+layer { name: "head" type: "InnerProduct" bottom: "other" top: "out" include { phase: TRAIN }
+  inner_product_param { num_output: 4 } }
+""")
+    path = tmp_path / "phases.onnx"
+    convert_files(proto, None, ConvertOptions(phase=caffe_pb2.Phase.Value(phase))).save(path)
+    insp = inspect_file(path)
+    head = next(layer for layer in insp.layers if layer.name == "head")
+    assert insp.phase == phase
+    assert head.bottoms == (["enc"] if phase == "TEST" else ["other"]), head
+    assert head.param_shapes == ([[4, 10], [4]] if phase == "TEST" else [[4, 5], [4]]), head

@@ -28,7 +28,7 @@ from rich.table import Table
 
 from caffeonnx.converter import metadata
 from caffeonnx.converter.caffe_io import _is_text
-from caffeonnx.converter.caffe_to_onnx import convert_net, load_net, load_weights
+from caffeonnx.converter.caffe_to_onnx import convert_net, filter_layers, load_net, load_weights
 from caffeonnx.converter.context import ConvertOptions
 from caffeonnx.converter.onnx_to_caffe import load_onnx
 from caffeonnx.converter.params import ParamTable
@@ -171,7 +171,10 @@ def _from_caffeonnx_metadata(
     """Layers and params from the metadata caffeonnx writes; `itemsize` None: the initializers' own dtype."""
     meta = metadata.read_metadata(model)
     net = metadata.caffe_net_from(model) or caffe_pb2.NetParameter()
-    caffe_layers = {layer.name: layer for layer in net.layer}
+    phase = meta.get(metadata.KEY_PHASE)
+    # The stored net holds every phase's layers (TRAIN and TEST data layers often share a name).
+    kept = filter_layers(net, ConvertOptions(phase=caffe_pb2.Phase.Value(phase))) if phase else list(net.layer)
+    caffe_layers = {layer.name: layer for layer in kept}
     sizes = {t.name: _tensor_itemsize(t.data_type) for t in model.graph.initializer}
     params = _params_from_records(metadata.param_records(model), lambda name: itemsize or sizes.get(name, CAFFE_ITEMSIZE))
     layers = []
@@ -180,7 +183,7 @@ def _from_caffeonnx_metadata(
         bottoms = list(caffe.bottom) if caffe is not None else rec.bottoms
         tops = list(caffe.top) if caffe is not None else rec.tops
         layers.append(_layer_info(rec.name, rec.type, bottoms, tops, [shapes.get(t) for t in rec.tops], params))
-    return Inspection(path, fmt, producer, net.name, meta.get(metadata.KEY_PHASE), layers, params)
+    return Inspection(path, fmt, producer, net.name, phase, layers, params)
 
 
 def _params_from_records(records: list[dict], itemsize: Callable[[str], int]) -> list[ParamInfo]:
