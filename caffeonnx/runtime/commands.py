@@ -79,7 +79,22 @@ def encode(
               f"(inputs scaled by {result.scale:.6g})", highlight=False)
 
 
+def export_triton(
+    model: Annotated[Path, typer.Argument(help="ONNX model to serve (usually an encoder).")],
+    repo_dir: Annotated[Path, typer.Argument(help="Triton model repository to write into.")],
+    name: Annotated[str | None, typer.Option("--name", help="Model name (default: the file's stem).")] = None,
+    max_batch: Annotated[int, typer.Option("--max-batch", help="Triton max_batch_size (0: no batching).")] = 64,
+    max_delay_us: Annotated[int, typer.Option("--max-delay-us", help="Dynamic batching queue delay.")] = 100,
+) -> None:
+    """Write a Triton model repository entry: NAME/config.pbtxt and NAME/1/model.onnx."""
+    from caffeonnx.runtime.triton import export_triton as export
+
+    target = export(model, repo_dir, name, max_batch, max_delay_us)
+    out.print(f"wrote {target / 'config.pbtxt'} and {target / '1' / 'model.onnx'}", highlight=False)
+
+
 def register(app: typer.Typer) -> None:
     """Add the runtime commands to the `caffeonnx` CLI."""
     app.command("encoder")(encoder)
     app.command("encode")(encode)
+    app.command("export-triton")(export_triton)
