@@ -34,9 +34,12 @@ from tests.helpers import REFERENCE, rng
 TIED = REFERENCE / "tied_ae"
 MALFORMED = {  # prototxt text -> (line, column) protobuf reports, and the reason it gives
     "bad_int": (
-        'name: "bad"\nlayer { name: "data" type: "Input" top: "data" input_param { shape { dim: 2 dim: 20 } } }\n'
-        'layer { name: "ip" type: "InnerProduct" bottom: "data" top: "ip" inner_product_param { num_output: ten } }\n',
-        (3, 100), "Couldn't parse integer: ten",
+        (
+            'name: "bad"\nlayer { name: "data" type: "Input" top: "data" input_param { shape { dim: 2 dim: 20 } } }\n'
+            'layer { name: "ip" type: "InnerProduct" bottom: "data" top: "ip"\n'
+            "  inner_product_param { num_output: ten } }\n"
+        ),
+        (4, 37), "Couldn't parse integer: ten",
     ),
     "unknown_field": ('name: "x"\nlayerz { }\n', (2, 1), 'has no field named "layerz"'),
     "unquoted_string": ('name: "x"\nlayer { name: "a" type: Input }\n', (2, 25), "Expected string"),
@@ -69,7 +72,8 @@ def _caffe_wording(case: str) -> str:
 
 def _tied_blobs() -> dict[str, list[np.ndarray]]:
     """The tied autoencoder's own blobs, per layer, as Caffe stored them."""
-    return {name: [np.array(b.data) for b in blobs] for name, blobs in read_caffemodel(TIED / "weights.caffemodel").blobs.items()}
+    stored = read_caffemodel(TIED / "weights.caffemodel").blobs
+    return {name: [np.array(b.data) for b in blobs] for name, blobs in stored.items()}
 
 
 def _tied_with(d: Path, **layer_blobs: list[np.ndarray]) -> tuple[Path, Path]:
@@ -78,6 +82,11 @@ def _tied_with(d: Path, **layer_blobs: list[np.ndarray]) -> tuple[Path, Path]:
     model = d / "weights.caffemodel"
     write_caffemodel(model, parse_prototxt((TIED / "net.prototxt").read_text()), blobs)
     return TIED / "net.prototxt", model
+
+
+def _head(path: Path, size: int) -> bytes:
+    """The first `size` bytes of a file (a caffemodel cut short, as by an interrupted download)."""
+    return path.read_bytes()[:size]
 
 
 def _write(d: Path, name: str, data: bytes | str) -> Path:
@@ -97,7 +106,7 @@ class Case:
 
 CASES: dict[str, Case] = {
     "truncated_caffemodel": Case(
-        lambda d: (TIED / "net.prototxt", _write(d, "w.caffemodel", (TIED / "weights.caffemodel").read_bytes()[:70_000])),
+        lambda d: (TIED / "net.prototxt", _write(d, "w.caffemodel", _head(TIED / "weights.caffemodel", 70_000))),
         InputFileError, ("{caffemodel}: truncated or corrupt caffemodel", "re-download or re-export"),
     ),
     "empty_caffemodel": Case(
@@ -114,7 +123,8 @@ CASES: dict[str, Case] = {
     ),
     "prototxt_as_caffemodel": Case(
         lambda d: (TIED / "net.prototxt", TIED / "net.prototxt"),
-        InputFileError, ("{caffemodel}: this is a text file, not a binary caffemodel", "prototxt where the caffemodel goes"),
+        InputFileError,
+        ("{caffemodel}: this is a text file, not a binary caffemodel", "prototxt where the caffemodel goes"),
     ),
     "caffemodel_as_prototxt": Case(
         lambda d: (TIED / "weights.caffemodel", None),
@@ -134,8 +144,10 @@ CASES: dict[str, Case] = {
     "wrong_blob_shape": Case(
         lambda d: _tied_with(d, encode1=[np.zeros((32, 784), np.float32), np.zeros(64, np.float32)]),
         WeightsError, (
-            "{caffemodel}: Cannot copy param 0 weights from layer 'encode1'; shape mismatch.  Source param shape is "
-            "32 784 (25088); target param shape is 64 784 (50176)",
+            (
+                "{caffemodel}: Cannot copy param 0 weights from layer 'encode1'; shape mismatch.  Source param shape "
+                "is 32 784 (25088); target param shape is 64 784 (50176)"
+            ),
         ),
     ),
     "too_few_blobs": Case(
@@ -176,21 +188,23 @@ CASES: dict[str, Case] = {
     "permissive_count_mismatch": Case(
         lambda d: (_write(d, "net.prototxt", PERMISSIVE_COUNT_NET), None),
         SharedParamError, (
-            "Cannot share param 'W' owned by layer 'enc' with layer 'dec'; count mismatch.  Owner layer param shape is "
-            "10 20 (200); sharing layer expects shape 5 20 (100)",
+            (
+                "Cannot share param 'W' owned by layer 'enc' with layer 'dec'; count mismatch.  Owner layer param "
+                "shape is 10 20 (200); sharing layer expects shape 5 20 (100)"
+            ),
         ),
     ),
     "differing_shared_copies": Case(
         lambda d: _tied_with(d, decode1=[_tied_blobs()["decode1"][0] * 2, _tied_blobs()["decode1"][1]]),
-        WeightsError, ("{caffemodel}: shared param 'encode1_matrix' differs between layer 'encode1' and layer 'decode1'",),
+        WeightsError,
+        ("{caffemodel}: shared param 'encode1_matrix' differs between layer 'encode1' and layer 'decode1'",),
     ),
 }
 
 
 def _run_cli(*args: str | os.PathLike[str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "caffeonnx.cli", *map(str, args)], capture_output=True, text=True, timeout=120
-    )
+    cmd = [sys.executable, "-m", "caffeonnx.cli", *map(str, args)]
+    return subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=120)
 
 
 def _assert_one_line_error(proc: subprocess.CompletedProcess[str], out_dir: Path, says: tuple[str, ...]) -> None:
@@ -246,15 +260,20 @@ def test_api_raises_the_documented_error(name: str, tmp_path: Path) -> None:
         ("--input-shape", "data=a,784", "--input-shape expects NAME=D0,D1,..., got 'data=a,784'"),
         ("--input-shape", "data=0,784", "--input-shape dimensions must be positive integers, got 'data=0,784'"),
         ("--input-shape", "data=-1,784", "--input-shape dimensions must be positive integers, got 'data=-1,784'"),
-        ("--input-shape", "image=1,784", "an input shape was given for 'image', which no data layer produces; "
-                                         "the net's inputs are: 'data'"),
+        (
+            "--input-shape",
+            "image=1,784",
+            "an input shape was given for 'image', which no data layer produces; the net's inputs are: 'data'",
+        ),
         ("--phase", "VALIDATE", "--phase must be TEST or TRAIN, got 'VALIDATE'"),
     ],
 )
 def test_cli_bad_option_values(option: str, value: str, says: str, tmp_path: Path) -> None:
     out_dir = tmp_path / "out"
     out_dir.mkdir()
-    proc = _run_cli("convert", TIED / "net.prototxt", TIED / "weights.caffemodel", "-o", out_dir / "m.onnx", f"{option}={value}")
+    proc = _run_cli(
+        "convert", TIED / "net.prototxt", TIED / "weights.caffemodel", "-o", out_dir / "m.onnx", f"{option}={value}"
+    )
     _assert_one_line_error(proc, out_dir, (says,))
 
 

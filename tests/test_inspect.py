@@ -104,7 +104,8 @@ def test_tied_ae_shared_table(fmt: str, tmp_path: Path) -> None:
     (shared,) = insp.shared_params
     assert (shared.name, shared.shape, shared.lr_mult, shared.decay_mult) == ("encode1_matrix", [64, 784], 1.0, 1.0)
     assert _users(insp, "encode1_matrix") == [("encode1", 0, [64, 784]), ("decode1", 0, [64, 784])]
-    assert [(p.name, p.decay_mult) for p in insp.params if "bias" in p.name] == [("encode1_bias", 0.0), ("decode1_bias", 0.0)]
+    biases = [(p.name, p.decay_mult) for p in insp.params if "bias" in p.name]
+    assert biases == [("encode1_bias", 0.0), ("decode1_bias", 0.0)]
     layers = {layer.name: layer for layer in insp.layers}
     assert (layers["decode1"].bottoms, layers["decode1"].tops) == (["encode1neuron"], ["decode1"])
     assert layers["decode1"].params == ["encode1_matrix", "decode1_bias"]
@@ -145,7 +146,8 @@ def test_differing_caffemodel_copies_name_both_layers(tmp_path: Path) -> None:
     w = rng(4).standard_normal((10, 20)).astype(np.float32)
     model = tmp_path / "p.caffemodel"
     write_caffemodel(model, parse_prototxt(PERMISSIVE_NET), {"enc": [w], "other": [(w + 0.5).reshape(5, 40)]})
-    with pytest.raises(WeightsError, match=r"shared param 'W' differs between layer 'enc' and layer 'other' \(max abs difference 0\.5\)"):
+    want = r"shared param 'W' differs between layer 'enc' and layer 'other' \(max abs difference 0\.5\)"
+    with pytest.raises(WeightsError, match=want):
         inspect_file(model)
 
 
@@ -207,7 +209,8 @@ def test_format_detected_from_content_without_suffix(fmt: str, tmp_path: Path) -
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "caffeonnx.cli", *args], capture_output=True, text=True, timeout=120)
+    cmd = [sys.executable, "-m", "caffeonnx.cli", *args]
+    return subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=120)
 
 
 def test_cli_json_is_the_api_document() -> None:

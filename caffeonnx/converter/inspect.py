@@ -176,7 +176,8 @@ def _from_caffeonnx_metadata(
     kept = filter_layers(net, ConvertOptions(phase=caffe_pb2.Phase.Value(phase))) if phase else list(net.layer)
     caffe_layers = {layer.name: layer for layer in kept}
     sizes = {t.name: _tensor_itemsize(t.data_type) for t in model.graph.initializer}
-    params = _params_from_records(metadata.param_records(model), lambda name: itemsize or sizes.get(name, CAFFE_ITEMSIZE))
+    records = metadata.param_records(model)
+    params = _params_from_records(records, lambda name: itemsize or sizes.get(name, CAFFE_ITEMSIZE))
     layers = []
     for rec in metadata.layer_records(model):
         caffe = caffe_layers.get(rec.name)
@@ -202,7 +203,12 @@ def _params_from_records(records: list[dict], itemsize: Callable[[str], int]) ->
 
 
 def _layer_info(
-    name: str, type_: str, bottoms: list[str], tops: list[str], top_shapes: list[list[Dim] | None], params: list[ParamInfo]
+    name: str,
+    type_: str,
+    bottoms: list[str],
+    tops: list[str],
+    top_shapes: list[list[Dim] | None],
+    params: list[ParamInfo],
 ) -> LayerInfo:
     """A LayerInfo whose params are those `params` list this layer as a user of, in blob order."""
     mine = sorted((u.index, p.name, u.shape) for p in params for u in p.users if u.layer == name)
@@ -222,7 +228,8 @@ def _inspect_caffemodel(path: Path) -> Inspection:
     records = json.loads(metadata.build_metadata(weights.net, caffe_pb2.TEST, [], table)[metadata.KEY_PARAMS])
     params = _params_from_records(records, lambda _name: CAFFE_ITEMSIZE)
     layers = [
-        _layer_info(layer.name, layer.type, list(layer.bottom), list(layer.top), [], params) for layer in weights.net.layer
+        _layer_info(layer.name, layer.type, list(layer.bottom), list(layer.top), [], params)
+        for layer in weights.net.layer
     ]
     return Inspection(str(path), "caffemodel", "caffe", weights.net.name, None, layers, params)
 
@@ -246,10 +253,10 @@ def _inspect_foreign(model: ModelProto, shapes: dict[str, list[Dim]], path: str)
         ))
     params = []
     for name, t in inits.items():
-        count = math.prod(int(d) for d in t.dims)
-        params.append(ParamInfo(
-            name, "", [int(d) for d in t.dims], count, count * _tensor_itemsize(t.data_type), users[name], None, None, None
-        ))
+        shape = [int(d) for d in t.dims]
+        count = math.prod(shape)
+        nbytes = count * _tensor_itemsize(t.data_type)
+        params.append(ParamInfo(name, "", shape, count, nbytes, users[name], None, None, None))
     return Inspection(path, "onnx", model.producer_name or "unknown", model.graph.name, None, layers, params)
 
 
@@ -317,7 +324,8 @@ def renderables(insp: Inspection) -> list[Table | str]:
             table.add_column(col, overflow="fold")
         for p in shared:
             users = ", ".join(
-                f"{u.layer}[{u.index}]" + (f" as {_shape_text(list(u.shape))}" if u.shape != p.shape else "") for u in p.users
+                f"{u.layer}[{u.index}]" + (f" as {_shape_text(list(u.shape))}" if u.shape != p.shape else "")
+                for u in p.users
             )
             label = p.name if p.caffe_name in ("", p.name) else f"{p.caffe_name} (initializer {p.name})"
             row = [label, _shape_text(list(p.shape)), users]
