@@ -151,6 +151,7 @@ def inspect_file(path: str | os.PathLike[str], options: ConvertOptions | None = 
 
 
 def _inspect_prototxt(path: Path, options: ConvertOptions) -> Inspection:
+    """Convert with fillers: Caffe's concrete blob shapes and sharing, read back from the metadata."""
     net = load_net(path)
     converted = convert_net(net, None, options, source=str(path))
     shapes: dict[str, list[Dim]] = {k: list(v) for k, v in converted.shapes.items()}
@@ -216,15 +217,14 @@ def _layer_info(
 
 
 def _inspect_caffemodel(path: Path) -> Inspection:
+    """Layers as stored; blobs grouped by param name (a shared blob's per-layer copies must agree)."""
     weights = load_weights(path)
     table = ParamTable(str(path))
-    taken: set[str] = set()
     for layer in weights.net.layer:
         for index, blob in enumerate(weights.blobs.get(layer.name, [])):
             spec = layer.param[index] if index < len(layer.param) else None
             shape = tuple(int(d) for d in blob.data.shape)
-            param = table.add(layer.name, index, spec, shape, blob.data, f"{layer.name}.blob{index}", taken, str(path))
-            taken.add(param.name)
+            table.add(layer.name, index, spec, shape, blob.data, f"{layer.name}.blob{index}", set(), str(path))
     records = json.loads(metadata.build_metadata(weights.net, caffe_pb2.TEST, [], table)[metadata.KEY_PARAMS])
     params = _params_from_records(records, lambda _name: CAFFE_ITEMSIZE)
     layers = [
@@ -235,7 +235,7 @@ def _inspect_caffemodel(path: Path) -> Inspection:
 
 
 def _inspect_foreign(model: ModelProto, shapes: dict[str, list[Dim]], path: str) -> Inspection:
-    """Foreign ONNX: each node is a layer; an initializer read by several nodes is a shared param."""
+    """Foreign ONNX: each top-level node is a layer; an initializer read by several nodes is shared."""
     inits = {t.name: t for t in model.graph.initializer}
     users: dict[str, list[ParamUser]] = {name: [] for name in inits}
     layers = []
