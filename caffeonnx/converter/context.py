@@ -40,6 +40,16 @@ class ConvertOptions:
     init_missing: bool = False  # layers absent from the caffemodel use their fillers
 
 
+def _claim(base: str, taken: set[str]) -> str:
+    """`base`, or `base_1`, `base_2`... whichever is free; marks it taken."""
+    name, k = base, 1
+    while name in taken:
+        name = f"{base}_{k}"
+        k += 1
+    taken.add(name)
+    return name
+
+
 class GraphBuilder:
     """Nodes, initializers and value shapes of the ONNX graph being built."""
 
@@ -62,20 +72,11 @@ class GraphBuilder:
 
     def unique(self, base: str) -> str:
         """A value name not used yet, derived from `base`."""
-        name, k = base, 1
-        while name in self._names:
-            name = f"{base}_{k}"
-            k += 1
-        self._names.add(name)
-        return name
+        return _claim(base, self._names)
 
     def unique_node(self, base: str) -> str:
-        name, k = base, 1
-        while name in self._node_names:
-            name = f"{base}_{k}"
-            k += 1
-        self._node_names.add(name)
-        return name
+        """A node name not used yet, derived from `base`."""
+        return _claim(base, self._node_names)
 
     def add_node(self, op: str, inputs: Sequence[str], outputs: Sequence[str], name: str, **attrs: object) -> NodeProto:
         node = helper.make_node(op, list(inputs), list(outputs), name=self.unique_node(name), **attrs)
