@@ -143,8 +143,6 @@ def to_caffe(
     """Convert ONNX back to a Caffe prototxt (+ caffemodel); exact for models caffeonnx wrote."""
     from caffeonnx.converter.onnx_to_caffe import convert_to_caffe_files
 
-    if batch is not None and batch <= 0:
-        raise CaffeOnnxError(f"--batch must be positive, got {batch}")
     result = convert_to_caffe_files(model, output, weights, batch)
     n_blobs = sum(len(b) for b in result.blobs.values())
     out.print(f"wrote {output} ({len(result.net.layer)} layers)" + (f" and {weights} ({n_blobs} blobs)" if weights else ""))

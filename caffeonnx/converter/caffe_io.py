@@ -83,6 +83,7 @@ def parse_prototxt(text: str, source: str = "<string>", message: type = caffe_pb
         prefix = f"{line}:{col} : "
         if detail.startswith(prefix):
             detail = detail[len(prefix):]
+        detail = detail.replace("caffeonnx.caffe.", "")  # users know Caffe's message names
         where = f"{source}:{line}:{col}" if line else source
         raise PrototxtError(f"{where}: {detail} (fix the {message.DESCRIPTOR.name} text at that position)") from None
     return msg
