@@ -1,0 +1,438 @@
+"""An ONNX graph written by the converter, run by torch with autograd: the trainer's net.
+
+Why an interpreter and not a re-implementation of Caffe layers: the converter already
+states every layer's forward as ONNX nodes (checked against real Caffe), so running
+those nodes in torch gives the same forward and, through autograd, Caffe's backward.
+Each initializer (= one Caffe param blob, shared blobs included) is ONE nn.Parameter:
+a tied decoder reads the encoder's weight through a transposed view, so autograd adds
+up the gradients of every user exactly as Caffe's shared diff does.
+
+Caffe's TRAIN phase differs from ONNX inference for a few layer types (Dropout); the
+metadata's per-layer records say which ONNX values are a Caffe layer's bottoms and
+tops, so in training mode such a layer's tops are computed from its bottoms by a
+`LayerOverride` instead of by its inference nodes.
+"""
+from __future__ import annotations
+
+import os
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from onnx import ModelProto, helper, numpy_helper
+from torch import nn
+
+from caffeonnx.converter import metadata
+from caffeonnx.converter.caffe_io import write_caffemodel
+from caffeonnx.converter.caffe_to_onnx import ConvertedModel, filter_layers
+from caffeonnx.converter.context import ConvertOptions
+from caffeonnx.converter.layers.loss import effective_loss_weights
+from caffeonnx.errors import CaffeOnnxError, UnsupportedError
+from caffeonnx.proto import caffe_pb2
+from caffeonnx.trainer.ops import NodeSpec, get_op
+from caffeonnx.trainer.ops.shape import constant_value
+
+Tensor = torch.Tensor
+Values = dict[str, Tensor]
+
+_RANDOM_OPS = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Bernoulli", "Multinomial"}
+
+
+@dataclass
+class ParamInfo:
+    """One learnable blob: its initializer name and Caffe's per-param multipliers."""
+
+    name: str
+    lr_mult: float
+    decay_mult: float
+    users: list[tuple[str, int]]  # (Caffe layer, blob index) for every layer sharing it
+    dtype: np.dtype  # storage dtype of the initializer (float16 when converted with --fp16)
+
+
+@dataclass
+class LossTerm:
+    """A net output that Caffe adds to the objective: loss_weight · sum(value)."""
+
+    value: str  # ONNX value name
+    blob: str  # Caffe top name
+    layer: str
+    weight: float
+
+
+@dataclass
+class LayerOverride:
+    """A Caffe layer whose TRAIN-phase forward replaces its inference nodes."""
+
+    layer: str
+    bottoms: list[str]
+    tops: list[str]
+    run: Callable[[list[Tensor]], list[Tensor]]
+
+
+@dataclass
+class _Step:
+    kernel: Callable[..., Any]
+    inputs: list[str]
+    outputs: list[str]
+    what: str  # node or layer name, for error messages
+
+
+def _attr_value(attr: onnx.AttributeProto, node: onnx.NodeProto) -> Any:
+    """A node attribute as plain Python / numpy."""
+    if attr.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS):
+        raise UnsupportedError(f"node {node.name!r} ({node.op_type}) has a subgraph; control flow cannot be trained")
+    value = helper.get_attribute_value(attr)
+    if isinstance(value, bytes):
+        return value.decode()
+    if isinstance(value, onnx.TensorProto):
+        return numpy_helper.to_array(value)
+    if isinstance(value, list) and value and isinstance(value[0], bytes):
+        return [v.decode() for v in value]
+    return value
+
+
+def _caffe_layers(model: ModelProto, records: list[metadata.LayerRecord]) -> dict[str, caffe_pb2.LayerParameter]:
+    """The LayerParameter of every converted layer, by name (phase-filtered first)."""
+    net = metadata.caffe_net_from(model)
+    if net is None:
+        return {}
+    phase = caffe_pb2.Phase.Value(metadata.read_metadata(model).get(metadata.KEY_PHASE, "TEST"))
+    found: dict[str, caffe_pb2.LayerParameter] = {}
+    for layer in [*filter_layers(net, ConvertOptions(phase=phase)), *net.layer]:
+        found.setdefault(layer.name, layer)
+    names = {r.name for r in records}
+    return {k: v for k, v in found.items() if k in names}
+
+
+class GraphModule(nn.Module):
+    """A caffeonnx ONNX graph as a differentiable torch module with one Parameter per initializer."""
+
+    def __init__(self, model: ModelProto, weights: Mapping[str, np.ndarray] | None = None, seed: int = 0) -> None:
+        super().__init__()
+        self.skeleton = ModelProto()
+        self.skeleton.CopyFrom(model)
+        del self.skeleton.graph.initializer[:]
+        graph = model.graph
+        opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 21)
+        arrays = dict(weights) if weights is not None else {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+        self.records = metadata.layer_records(model)
+        self.layers = _caffe_layers(model, self.records)
+        self.phase = metadata.read_metadata(model).get(metadata.KEY_PHASE, "TEST")
+
+        records = {r["name"]: r for r in metadata.param_records(model)}
+        self.param_info: list[ParamInfo] = []
+        self.params = nn.ParameterList()
+        self._param_index: dict[str, int] = {}
+        constants: dict[str, np.ndarray] = {}
+        for name, arr in arrays.items():
+            arr = np.asarray(arr)
+            if not np.issubdtype(arr.dtype, np.floating):
+                constants[name] = arr
+                continue
+            rec = records.get(name, {})
+            info = ParamInfo(name, float(rec.get("lr_mult", 1.0)), float(rec.get("decay_mult", 1.0)),
+                             [(u[0], int(u[1])) for u in rec.get("users", [])], arr.dtype)
+            self._param_index[name] = len(self.param_info)
+            self.param_info.append(info)
+            self.params.append(nn.Parameter(torch.from_numpy(np.array(arr, dtype=np.float32))))
+        for info, p in zip(self.param_info, self.params):
+            p.requires_grad_(info.lr_mult != 0.0)  # Caffe computes no param diff when lr_mult is 0
+
+        self.input_names = [i.name for i in graph.input if i.name not in arrays]
+        self.output_names = [o.name for o in graph.output]
+        self._steps, constants = self._build_steps(graph, opset, constants)
+        self._const_keys: list[tuple[str, str]] = []
+        for i, (name, value) in enumerate(constants.items()):
+            key = f"const_{i}"
+            self.register_buffer(key, torch.from_numpy(np.array(value)), persistent=False)
+            self._const_keys.append((name, key))
+        self._producer = {o: i for i, s in enumerate(self._steps) for o in s.outputs if o}
+        self.loss_terms = self._find_loss_terms()
+        self.overrides = self._find_overrides()
+        self._plans: dict[tuple[tuple[str, ...], bool], list[tuple[_Step, list[str]]]] = {}
+        self.generator = torch.Generator().manual_seed(seed)
+
+    # --- building -----------------------------------------------------------------
+    def _build_steps(
+        self, graph: onnx.GraphProto, opset: int, constants: dict[str, np.ndarray]
+    ) -> tuple[list[_Step], dict[str, np.ndarray]]:
+        """Kernels for every node; nodes that depend only on constants are folded now."""
+        steps: list[_Step] = []
+        known = dict(constants)
+        missing: Counter[str] = Counter()
+        used_consts: set[str] = set()
+        for node in graph.node:
+            factory = get_op(node.op_type) if node.domain in ("", "ai.onnx") else None
+            if factory is None:
+                missing[f"{node.domain + '.' if node.domain else ''}{node.op_type}"] += 1
+                continue
+            attrs = {a.name: _attr_value(a, node) for a in node.attribute}
+            spec = NodeSpec(node.op_type, node.name, list(node.input), list(node.output), attrs, opset,
+                            {i: known[n] for i, n in enumerate(node.input) if n in known})
+            if node.op_type == "Constant":
+                known[node.output[0]] = constant_value(spec)
+                continue
+            ins = [n for n in node.input if n]
+            if node.op_type not in _RANDOM_OPS and all(n in known for n in ins):
+                outs = factory(spec)(*[torch.from_numpy(np.array(known[n])) if n else None for n in node.input])
+                outs = outs if isinstance(outs, tuple) else (outs,)
+                for name, value in zip(node.output, outs):
+                    if name:
+                        known[name] = value.detach().numpy()
+                continue
+            used_consts.update(n for n in ins if n in known)
+            steps.append(_Step(factory(spec), list(node.input), list(node.output), f"{node.op_type} node {node.name!r}"))
+        if missing:
+            listed = ", ".join(f"{op} ({n} node{'s' if n > 1 else ''})" for op, n in sorted(missing.items()))
+            raise UnsupportedError(
+                f"the trainer has no torch kernel for {sum(missing.values())} node(s): {listed}; "
+                "see caffeonnx.trainer.ops.supported_ops() for the ops it runs"
+            )
+        outputs = {o.name for o in graph.output}
+        return steps, {n: known[n] for n in known if n in used_consts or n in outputs}
+
+    def _find_loss_terms(self) -> list[LossTerm]:
+        """Caffe's objective: every top with a non-zero loss_weight (1 on top 0 of loss layers by default)."""
+        terms = []
+        for rec in self.records:
+            layer = self.layers.get(rec.name)
+            if layer is None:
+                continue
+            for j, w in enumerate(effective_loss_weights(layer)):
+                if w and j < len(rec.tops):
+                    terms.append(LossTerm(rec.tops[j], layer.top[j], layer.name, float(w)))
+        return terms
+
+    def _find_overrides(self) -> dict[str, LayerOverride]:
+        """TRAIN-phase forwards of the Caffe layers whose inference graph differs."""
+        found: dict[str, LayerOverride] = {}
+        for rec in self.records:
+            layer = self.layers.get(rec.name)
+            if layer is None:
+                continue
+            if layer.type == "Dropout":
+                found[rec.name] = LayerOverride(rec.name, rec.bottoms, rec.tops, self._dropout(layer))
+            elif layer.type == "BatchNorm" and not layer.batch_norm_param.use_global_stats and len(rec.params) == 3:
+                found[rec.name] = LayerOverride(rec.name, rec.bottoms, rec.tops, self._batch_norm(layer, rec.params))
+        return found
+
+    def _dropout(self, layer: caffe_pb2.LayerParameter) -> Callable[[list[Tensor]], list[Tensor]]:
+        """Caffe Dropout in TRAIN: keep each unit with probability 1 − p and scale it by 1/(1 − p)."""
+        p = float(layer.dropout_param.dropout_ratio)
+        scale = 1.0 / (1.0 - p)
+
+        def run(xs: list[Tensor]) -> list[Tensor]:
+            x = xs[0]
+            keep = torch.rand(x.shape, generator=self._generator_for(x.device), device=x.device) >= p
+            return [x * keep.to(x.dtype) * scale]
+
+        return run
+
+    def _batch_norm(self, layer: caffe_pb2.LayerParameter, blobs: list[str]) -> Callable[[list[Tensor]], list[Tensor]]:
+        """Caffe BatchNorm in TRAIN: batch statistics, and the blobs accumulate their moving averages.
+
+        Caffe: s ← λ·s + 1, mean_blob ← λ·mean_blob + mean, var_blob ← λ·var_blob + m/(m−1)·var,
+        with m the values per channel and var the biased batch variance.
+        """
+        p = layer.batch_norm_param
+        eps, fraction = float(p.eps), float(p.moving_average_fraction)
+        mean_blob, var_blob, factor_blob = (self.parameter(n) for n in blobs)
+
+        def run(xs: list[Tensor]) -> list[Tensor]:
+            x = xs[0]
+            axes = [0, *range(2, x.dim())]
+            mean = x.mean(dim=axes, keepdim=True)
+            centred = x - mean
+            var = (centred * centred).mean(dim=axes, keepdim=True)
+            with torch.no_grad():
+                m = x.numel() // x.shape[1]
+                correction = m / (m - 1) if m > 1 else 1.0
+                factor_blob.mul_(fraction).add_(1.0)
+                mean_blob.mul_(fraction).add_(mean.reshape(-1))
+                var_blob.mul_(fraction).add_(var.reshape(-1), alpha=correction)
+            return [centred / torch.sqrt(var + eps)]
+
+        return run
+
+    def _generator_for(self, device: torch.device) -> torch.Generator:
+        if self.generator.device != device:
+            seed = int(torch.randint(0, 2**62, (1,), generator=self.generator).item())
+            self.generator = torch.Generator(device=device).manual_seed(seed)
+        return self.generator
+
+    # --- running ------------------------------------------------------------------
+    def _plan(self, outputs: tuple[str, ...], training: bool) -> list[tuple[_Step, list[str]]]:
+        """The steps needed for `outputs`, in graph order, each with the values to free after it."""
+        key = (outputs, training)
+        if key in self._plans:
+            return self._plans[key]
+        producer = dict(self._producer)
+        steps = list(self._steps)
+        position = {i: float(i) for i in range(len(steps))}
+        if training:
+            for ov in self.overrides.values():
+                index = len(steps)
+                # Just before the inference node that wrote the layer's top: its bottoms are ready there.
+                position[index] = min((self._producer[t] for t in ov.tops if t in self._producer),
+                                      default=len(self._steps)) - 0.5
+                steps.append(_Step(lambda *xs, _ov=ov: tuple(_ov.run(list(xs))), ov.bottoms, ov.tops,
+                                   f"Caffe layer {ov.layer!r} (TRAIN)"))
+                for t in ov.tops:
+                    producer[t] = index
+        needed: set[int] = set()
+        stack = list(outputs)
+        seen: set[str] = set()
+        while stack:
+            v = stack.pop()
+            if v in seen:
+                continue
+            seen.add(v)
+            i = producer.get(v)
+            if i is None:
+                continue
+            needed.add(i)
+            stack.extend(n for n in steps[i].inputs if n)
+        order = sorted(needed, key=lambda i: position[i])
+        last_use: dict[str, int] = {}
+        for k, i in enumerate(order):
+            for n in steps[i].inputs:
+                if n:
+                    last_use[n] = k
+        keep = set(outputs)
+        plan = [(steps[i], [n for n in dict.fromkeys(steps[i].inputs) if n and last_use.get(n) == k and n not in keep])
+                for k, i in enumerate(order)]
+        self._plans[key] = plan
+        return plan
+
+    def forward(self, feeds: Mapping[str, Tensor | np.ndarray], outputs: Sequence[str] | None = None) -> Values:
+        """Run the graph on `feeds` (graph input name -> batch); returns the requested values."""
+        wanted = tuple(outputs) if outputs is not None else tuple(self.output_names)
+        plan = self._plan(wanted, self.training)
+        device, dtype = self.device, self.dtype
+        env: Values = {name: self._buffers[key] for name, key in self._const_keys}  # type: ignore[misc]
+        for info, p in zip(self.param_info, self.params):
+            env[info.name] = p
+        for name, value in feeds.items():
+            t = torch.as_tensor(value)
+            if t.is_floating_point():
+                t = t.to(dtype or (t.dtype if isinstance(value, Tensor) else torch.float32))
+            env[name] = t.to(device)
+        for step, free in plan:
+            try:
+                args = [env[n] if n else None for n in step.inputs]
+            except KeyError as exc:
+                raise CaffeOnnxError(
+                    f"graph input {exc.args[0]!r} was not fed (needed by {step.what}); feed every one of "
+                    f"{self.input_names}"
+                ) from None
+            out = step.kernel(*args)
+            if isinstance(out, tuple):
+                for name, value in zip(step.outputs, out):
+                    if name:
+                        env[name] = value
+            else:
+                env[step.outputs[0]] = out
+            for n in free:
+                env.pop(n, None)
+        missing = [o for o in wanted if o not in env]
+        if missing:
+            raise CaffeOnnxError(f"no value named {missing!r} in the graph; its outputs are {self.output_names}")
+        return {o: env[o] for o in wanted}
+
+    def loss(self, values: Mapping[str, Tensor]) -> Tensor:
+        """Caffe's objective from computed values: Σ loss_weight · sum(top) over the loss terms."""
+        if not self.loss_terms:
+            raise CaffeOnnxError("the net has no loss: give a loss layer (e.g. EuclideanLoss) or a top a loss_weight")
+        total = values[self.loss_terms[0].value].sum() * self.loss_terms[0].weight
+        for term in self.loss_terms[1:]:
+            total = total + values[term.value].sum() * term.weight
+        return total
+
+    def loss_outputs(self) -> list[str]:
+        """The ONNX values the objective needs."""
+        return list(dict.fromkeys(t.value for t in self.loss_terms))
+
+    @property
+    def device(self) -> torch.device:
+        """Where the parameters live."""
+        for p in self.params:
+            return p.device
+        for b in self.buffers():
+            return b.device
+        return torch.device("cpu")
+
+    @property
+    def dtype(self) -> torch.dtype | None:
+        """The floating dtype float feeds are cast to: the parameters' (None for a graph without any)."""
+        for p in self.params:
+            return p.dtype
+        for b in self.buffers():
+            if b.is_floating_point():
+                return b.dtype
+        return None
+
+    # --- parameters in and out -----------------------------------------------------
+    def named_blobs(self) -> list[tuple[ParamInfo, nn.Parameter]]:
+        """Every learnable blob with its Caffe multipliers, in Caffe's learnable_params order."""
+        return list(zip(self.param_info, self.params))
+
+    def parameter(self, name: str) -> nn.Parameter:
+        """The Parameter of initializer `name`."""
+        return self.params[self._param_index[name]]
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """Current initializer values (float32, or the stored dtype such as float16)."""
+        return {info.name: p.detach().cpu().numpy().astype(info.dtype, copy=True) for info, p in self.named_blobs()}
+
+    def load_arrays(self, arrays: Mapping[str, np.ndarray], source: str) -> None:
+        """Overwrite parameters from arrays by initializer name (shapes must match)."""
+        with torch.no_grad():
+            for name, arr in arrays.items():
+                if name not in self._param_index:
+                    continue
+                p = self.parameter(name)
+                if tuple(arr.shape) != tuple(p.shape):
+                    raise CaffeOnnxError(
+                        f"{source}: {name!r} has shape {list(arr.shape)} but the net's blob is {list(p.shape)}; "
+                        "are these weights from another net?"
+                    )
+                p.copy_(torch.from_numpy(np.asarray(arr, dtype=np.float32)))
+
+    def to_converted(self) -> ConvertedModel:
+        """The same ONNX graph with the current values as its initializers (ties stay one initializer)."""
+        return ConvertedModel(self.skeleton, self.arrays())
+
+    def save_onnx(self, path: str | os.PathLike[str]) -> None:
+        """Write the graph with the trained initializers (atomically)."""
+        self.to_converted().save(path)
+
+    def caffe_blobs(self) -> dict[str, list[np.ndarray]]:
+        """Each Caffe layer's param blobs; a shared blob appears in every layer that uses it, as Caffe writes it."""
+        blobs: dict[str, dict[int, np.ndarray]] = {}
+        for info, p in self.named_blobs():
+            value = p.detach().cpu().numpy().astype(np.float32)
+            for layer, index in info.users:
+                blobs.setdefault(layer, {})[index] = value
+        return {layer: [by_index[i] for i in sorted(by_index)] for layer, by_index in blobs.items()}
+
+    def caffe_net(self) -> caffe_pb2.NetParameter:
+        """The converted layers of the stored Caffe net, in order (what Caffe's Net::ToProto lists)."""
+        net = metadata.caffe_net_from(self.skeleton)
+        if net is None:
+            raise CaffeOnnxError("this ONNX model was not written by caffeonnx (no caffe.net metadata): it has no Caffe net to save")
+        out = caffe_pb2.NetParameter()
+        out.CopyFrom(net)
+        del out.layer[:]
+        for rec in self.records:
+            layer = self.layers.get(rec.name)
+            if layer is not None:
+                out.layer.add().CopyFrom(layer)
+        return out
+
+    def save_caffemodel(self, path: str | os.PathLike[str]) -> None:
+        """Write the trained weights as a Caffe .caffemodel (atomically)."""
+        write_caffemodel(path, self.caffe_net(), self.caffe_blobs())
