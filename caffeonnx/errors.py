@@ -41,3 +41,15 @@ class LayerError(CaffeOnnxError):
 
 class TensorError(CaffeOnnxError):
     """An inference input has the wrong name, shape, dtype or size for the model."""
+
+
+class SolverError(CaffeOnnxError):
+    """A solver prototxt is invalid or asks for a combination Caffe refuses (e.g. momentum with AdaGrad)."""
+
+
+class DataError(CaffeOnnxError):
+    """Training data does not fit the net's input blobs (names, shapes, counts)."""
+
+
+class TrainingDiverged(CaffeOnnxError):
+    """The loss became NaN or infinite; training stopped and kept the last good snapshot."""
