@@ -93,8 +93,40 @@ def export_triton(
     out.print(f"wrote {target / 'config.pbtxt'} and {target / '1' / 'model.onnx'}", highlight=False)
 
 
+def serve(
+    model: Annotated[Path, typer.Argument(help="Encoder .onnx to serve.")],
+    host: Annotated[str, typer.Option("--host", help="Address to bind (127.0.0.1: this machine only).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="TCP port.")] = 8000,
+    name: Annotated[str | None, typer.Option("--name", help="Model name in URLs (default: the file's stem).")] = None,
+    max_batch: Annotated[int, typer.Option("--max-batch", help="Most rows per model run and per request.")] = 64,
+    max_delay_ms: Annotated[float, typer.Option("--max-delay-ms", help="How long a request waits for others to "
+                                                "batch with.")] = 2.0,
+    batching: Annotated[bool, typer.Option("--batching/--no-batching", help="Batch concurrent requests.")] = True,
+    device: DeviceOption = "auto",
+    threads: ThreadsOption = 0,
+    max_body_mb: Annotated[float, typer.Option("--max-body-mb", help="Larger request bodies get 413.")] = 64.0,
+) -> None:
+    """Serve an encoder over the Open Inference Protocol v2 (KServe / Triton REST), with dynamic batching."""
+    from caffeonnx.runtime.protocol import check_model_name
+    from caffeonnx.runtime.server import ServerConfig
+    from caffeonnx.runtime.server import serve as run_server
+    from caffeonnx.runtime.session import EncoderSession
+
+    name = check_model_name(name if name is not None else model.stem)
+    if max_batch < 1 or max_delay_ms < 0 or max_body_mb <= 0 or not 0 <= port < 65536:
+        raise CaffeOnnxError(f"need --max-batch >= 1, --max-delay-ms >= 0, --max-body-mb > 0 and a port in "
+                             f"0..65535; got {max_batch}, {max_delay_ms}, {max_body_mb}, {port}")
+    session = EncoderSession(model, _session_config(device, threads, warmup=sorted({1, max_batch})))
+    config = ServerConfig(name, max_batch, max_delay_ms, batching, int(max_body_mb * (1 << 20)))
+    how = f"batching up to {max_batch} rows within {max_delay_ms:g} ms" if batching else "no batching"
+    err.print(f"serving model {name!r} on http://{host}:{port}/v2 ({session.describe()}; {how})", highlight=False)
+    run_server(session, config, host, port)
+    err.print("server stopped", highlight=False)
+
+
 def register(app: typer.Typer) -> None:
     """Add the runtime commands to the `caffeonnx` CLI."""
     app.command("encoder")(encoder)
     app.command("encode")(encode)
     app.command("export-triton")(export_triton)
+    app.command("serve")(serve)

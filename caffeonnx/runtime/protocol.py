@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
+from caffeonnx.errors import CaffeOnnxError
 from caffeonnx.runtime.session import TensorSpec
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -30,6 +32,16 @@ DATATYPES: dict[str, np.dtype] = {
         ("FP16", np.float16), ("FP32", np.float32), ("FP64", np.float64),
     ]
 }
+
+
+_MODEL_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+def check_model_name(name: str) -> str:
+    """`name` if it is a valid model name (a Triton repository directory, a URL path segment)."""
+    if not _MODEL_NAME.match(name) or name in (".", ".."):
+        raise CaffeOnnxError(f"model name {name!r} is not valid; use letters, digits, '_', '-' and '.'")
+    return name
 
 
 class ProtocolError(Exception):

@@ -7,7 +7,6 @@ the path from `caffeonnx serve` on one machine to an existing serving engine.
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -17,10 +16,8 @@ import onnxruntime as ort
 from caffeonnx.errors import CaffeOnnxError, UnsupportedError
 from caffeonnx.fileio import write_bytes_atomic
 from caffeonnx.runtime.encoder import load_model
-from caffeonnx.runtime.protocol import triton_config
+from caffeonnx.runtime.protocol import check_model_name, triton_config
 from caffeonnx.runtime.session import _spec
-
-_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
 def _pbtxt_value(value: object, indent: str) -> str:
@@ -58,8 +55,7 @@ def export_triton(model_path: str | os.PathLike[str], repo_dir: str | os.PathLik
     """Write REPO/NAME/config.pbtxt and REPO/NAME/1/model.onnx; returns the model's directory."""
     src = Path(model_path)
     name = name if name is not None else src.stem
-    if not _NAME.match(name):
-        raise CaffeOnnxError(f"--name {name!r} is not a valid Triton model name; use letters, digits, '_', '-', '.'")
+    check_model_name(name)
     if max_batch < 0 or max_delay_us < 0:
         raise CaffeOnnxError(f"--max-batch and the queue delay must be >= 0, got {max_batch} and {max_delay_us}")
     model = load_model(src)

@@ -1,0 +1,221 @@
+"""`caffeonnx serve`: one encoder over the Open Inference Protocol v2 (KServe / Triton REST).
+
+Starlette on uvicorn.  Endpoints: GET /v2/health/live, /v2/health/ready, /v2,
+/v2/models/{name}[/versions/1], .../ready, .../config; POST .../infer with JSON
+and binary tensors (see protocol.py); GET /metrics for Prometheus.  Concurrent
+infer requests are batched (batcher.py).  Client faults get 4xx with
+{"error": message}; bodies over the limit get 413 before they are read; SIGTERM
+stops accepting, finishes the requests in flight, then exits.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+import time
+import zlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from caffeonnx import __version__
+from caffeonnx.runtime.batcher import DynamicBatcher
+from caffeonnx.runtime.protocol import (
+    HEADER_LENGTH,
+    ProtocolError,
+    infer_response,
+    model_metadata,
+    parse_infer_request,
+    triton_config,
+)
+from caffeonnx.runtime.session import EncoderSession
+
+log = logging.getLogger("caffeonnx.serve")
+LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
+
+
+@dataclass
+class ServerConfig:
+    """What the server exposes and how it batches."""
+
+    name: str = "encoder"
+    max_batch: int = 64  # rows per model run (and per request)
+    max_delay_ms: float = 2.0  # how long the first request of a batch waits for company
+    batching: bool = True
+    max_body_bytes: int = 64 << 20
+
+
+class _Metrics:
+    """Prometheus series of one server (own registry, so several apps can live in one process)."""
+
+    def __init__(self, model: str, max_batch: int) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("caffeonnx_infer_requests", "Infer requests by HTTP status code.",
+                                ["model", "code"], registry=self.registry)
+        self.latency = Histogram("caffeonnx_infer_request_seconds", "Infer request latency, body read to response.",
+                                 ["model"], buckets=LATENCY_BUCKETS, registry=self.registry)
+        sizes = sorted({1 << k for k in range(max_batch.bit_length())} | {max_batch})
+        self.batch = Histogram("caffeonnx_batch_rows", "Rows per model run (dynamic batching).", ["model"],
+                               buckets=sizes, registry=self.registry)
+        self.run = Histogram("caffeonnx_model_run_seconds", "Duration of one model run.", ["model"],
+                             buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.model = model
+
+    def on_run(self, rows: int, seconds: float) -> None:
+        self.batch.labels(self.model).observe(rows)
+        self.run.labels(self.model).observe(seconds)
+
+
+def _error(message: str, status: int) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The request body, decoded from gzip/deflate if so sent; ProtocolError(413) past `limit` bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise ProtocolError(f"the request body of {int(declared)} bytes is over the {limit}-byte limit", 413)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ProtocolError(f"the request body is over the {limit}-byte limit", 413)
+        chunks.append(chunk)
+    body = b"".join(chunks)
+    encoding = request.headers.get("content-encoding", "identity").lower()
+    if encoding == "identity":
+        return body
+    if encoding not in ("gzip", "deflate"):
+        raise ProtocolError(f"Content-Encoding {encoding!r} is not supported; send identity, gzip or deflate", 415)
+    inflater = zlib.decompressobj(31 if encoding == "gzip" else 15)
+    try:
+        plain = inflater.decompress(body, limit + 1)
+    except zlib.error as exc:
+        raise ProtocolError(f"the {encoding} body does not decompress ({exc})") from None
+    if len(plain) > limit or inflater.unconsumed_tail:
+        raise ProtocolError(f"the decompressed request body is over the {limit}-byte limit", 413)
+    return plain
+
+
+def build_app(session: EncoderSession, config: ServerConfig) -> Starlette:
+    """The ASGI app serving `session` as model `config.name`."""
+    metrics = _Metrics(config.name, config.max_batch)
+    batcher = DynamicBatcher(session.run, config.max_batch, config.max_delay_ms / 1000, config.batching,
+                             on_run=metrics.on_run)
+    state = {"ready": False}
+    inputs, outputs = [session.input], [session.output]
+
+    def check_model(request: Request) -> None:
+        name = request.path_params["name"]
+        if name != config.name:
+            raise ProtocolError(f"unknown model {name!r}; this server serves {config.name!r}", 404)
+        version = request.path_params.get("version")
+        if version not in (None, "", "1"):
+            raise ProtocolError(f"model {name!r} has no version {version!r}; it serves version 1", 404)
+
+    async def live(request: Request) -> Response:
+        return Response(status_code=200)
+
+    async def ready(request: Request) -> Response:
+        return Response(status_code=200 if state["ready"] else 503)
+
+    async def server_metadata(request: Request) -> Response:
+        return JSONResponse({"name": "caffeonnx", "version": __version__,
+                             "extensions": ["binary_tensor_data", "model_configuration"]})
+
+    async def metadata(request: Request) -> Response:
+        check_model(request)
+        return JSONResponse(model_metadata(config.name, inputs, outputs))
+
+    async def model_ready(request: Request) -> Response:
+        check_model(request)
+        return Response(status_code=200 if state["ready"] else 503)
+
+    async def model_config(request: Request) -> Response:
+        check_model(request)
+        delay_us = round(config.max_delay_ms * 1000) if config.batching else 0
+        return JSONResponse(triton_config(config.name, inputs, outputs, config.max_batch, delay_us))
+
+    async def infer(request: Request) -> Response:
+        start = time.perf_counter()
+        status = 200
+        try:
+            check_model(request)
+            body = await _read_body(request, config.max_body_bytes)
+            parsed = parse_infer_request(body, request.headers.get(HEADER_LENGTH), inputs, outputs)
+            rows = parsed.inputs[session.input.name]
+            if rows.shape[0] > config.max_batch:
+                raise ProtocolError(f"input {session.input.name!r} has {rows.shape[0]} rows, over this server's "
+                                    f"max batch of {config.max_batch}; split the request or restart with --max-batch")
+            codes = await batcher.submit(rows)
+            content, headers = infer_response(config.name, parsed, {session.output.name: codes})
+            metrics.latency.labels(config.name).observe(time.perf_counter() - start)
+            return Response(content, headers=headers)
+        except ProtocolError as exc:
+            status = exc.status
+            return _error(exc.message, exc.status)
+        except Exception as exc:  # a bug or a model failure: 500, logged with its traceback
+            status = 500
+            log.exception("infer failed")
+            return _error(f"internal error: {type(exc).__name__}: {exc}", 500)
+        finally:
+            metrics.requests.labels(config.name, str(status)).inc()
+
+    async def prometheus(request: Request) -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    async def not_found(request: Request, exc: Exception) -> Response:
+        code = exc.status_code if isinstance(exc, HTTPException) else 500
+        return _error(f"{request.method} {request.url.path}: {getattr(exc, 'detail', 'error')}", code)
+
+    async def protocol_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, ProtocolError)
+        return _error(exc.message, exc.status)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await batcher.start()
+        state["ready"] = True
+        try:
+            yield
+        finally:
+            state["ready"] = False
+            await batcher.stop()  # requests already queued are still answered
+
+    model_routes = []
+    for prefix in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}"):
+        model_routes += [
+            Route(prefix, metadata), Route(f"{prefix}/ready", model_ready), Route(f"{prefix}/config", model_config),
+            Route(f"{prefix}/infer", infer, methods=["POST"]),
+        ]
+    routes = [
+        Route("/v2/health/live", live), Route("/v2/health/ready", ready), Route("/v2", server_metadata),
+        *model_routes, Route("/metrics", prometheus),
+    ]
+    app = Starlette(routes=routes, lifespan=lifespan,
+                    exception_handlers={HTTPException: not_found, ProtocolError: protocol_error})
+    app.state.metrics = metrics
+    return app
+
+
+def serve(session: EncoderSession, config: ServerConfig, host: str = "127.0.0.1", port: int = 8000) -> None:
+    """Run the server until SIGINT/SIGTERM: uvicorn stops accepting, finishes in-flight requests, then returns.
+
+    uvicorn re-raises the signal it caught once it has shut down; for SIGTERM (how orchestrators stop a
+    server) a handler installed here swallows it, so a clean stop returns normally and exits with status 0.
+    """
+    import uvicorn
+
+    uv = uvicorn.Config(build_app(session, config), host=host, port=port, log_level="warning", access_log=False,
+                        lifespan="on", timeout_graceful_shutdown=30)
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    try:
+        uvicorn.Server(uv).run()
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -1,0 +1,97 @@
+"""Dynamic batching on a real event loop: batch composition, carry-over, errors, draining."""
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from caffeonnx.runtime.batcher import DynamicBatcher
+from tests.helpers import rng
+
+
+class Doubler:
+    """A model (y = 2x) that records the rows of every run."""
+
+    def __init__(self) -> None:
+        self.runs: list[int] = []
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        self.runs.append(len(x))
+        return x * 2
+
+
+async def _submit_all(batcher: DynamicBatcher, requests: list[np.ndarray]) -> list[np.ndarray]:
+    await batcher.start()
+    try:
+        return await asyncio.gather(*(batcher.submit(r) for r in requests))
+    finally:
+        await batcher.stop()
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("batching, max_batch, sizes, runs", [
+    (True, 4, [1] * 10, [4, 4, 2]),
+    (True, 4, [3, 3, 3], [3, 3, 3]),  # a request that does not fit starts the next batch
+    (True, 8, [2, 5, 1, 3], [8, 3]),
+    (False, 8, [1] * 5, [1] * 5),
+])
+def test_concurrent_requests_share_runs_and_get_their_own_rows(seed: int, batching: bool, max_batch: int,
+                                                               sizes: list[int], runs: list[int]) -> None:
+    model = Doubler()
+    batcher = DynamicBatcher(model, max_batch, max_delay=0.05, batching=batching)
+    requests = [rng(seed + k).standard_normal((n, 3)).astype(np.float32) for k, n in enumerate(sizes)]
+    results = asyncio.run(_submit_all(batcher, requests))
+    assert model.runs == runs, f"runs of {model.runs} rows, expected {runs}"
+    for k, (req, got) in enumerate(zip(requests, results)):
+        np.testing.assert_array_equal(got, req * 2, err_msg=f"request {k} ({len(req)} rows) got another's rows")
+
+
+def test_a_lone_request_waits_at_most_the_delay() -> None:
+    async def one() -> float:
+        batcher = DynamicBatcher(Doubler(), 64, max_delay=0.02)
+        await batcher.start()
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        await batcher.submit(np.ones((1, 3), np.float32))
+        took = loop.time() - start
+        await batcher.stop()
+        return took
+
+    took = asyncio.run(one())
+    assert 0.015 <= took < 1.0, f"a lone request took {took * 1000:.1f} ms with a 20 ms batching delay"
+
+
+def test_model_errors_reach_every_request_of_the_batch() -> None:
+    def broken(x: np.ndarray) -> np.ndarray:
+        raise RuntimeError(f"model failed on {len(x)} rows")
+
+    async def run() -> list[object]:
+        batcher = DynamicBatcher(broken, 8, max_delay=0.05)
+        await batcher.start()
+        out = await asyncio.gather(*(batcher.submit(np.ones((1, 2))) for _ in range(3)), return_exceptions=True)
+        await batcher.stop()
+        return out
+
+    results = asyncio.run(run())
+    assert [str(r) for r in results] == ["model failed on 3 rows"] * 3
+
+
+def test_stop_answers_queued_requests_first() -> None:
+    model = Doubler()
+
+    async def run() -> list[np.ndarray]:
+        batcher = DynamicBatcher(model, 2, max_delay=0.0)
+        await batcher.start()
+        pending = [asyncio.ensure_future(batcher.submit(np.full((1, 1), k, np.float32))) for k in range(5)]
+        await asyncio.sleep(0)  # the submissions are queued
+        await batcher.stop()
+        return [p.result() for p in pending]
+
+    assert [float(r[0, 0]) for r in asyncio.run(run())] == [0, 2, 4, 6, 8]
+    assert sum(model.runs) == 5
+
+
+def test_invalid_limits_are_refused() -> None:
+    with pytest.raises(ValueError, match="max_batch must be >= 1"):
+        DynamicBatcher(Doubler(), 0, 0.01)
