@@ -143,6 +143,8 @@ class GraphModule(nn.Module):
             p.requires_grad_(info.lr_mult != 0.0)  # Caffe computes no param diff when lr_mult is 0
 
         self.input_names = [i.name for i in graph.input if i.name not in arrays]
+        self.input_dims = {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim]  # 0 where symbolic
+                           for i in graph.input if i.name not in arrays}
         self.output_names = [o.name for o in graph.output]
         self._steps, constants = self._build_steps(graph, opset, constants)
         self._const_keys: list[tuple[str, str]] = []

@@ -1,0 +1,107 @@
+"""Caffe's training loop (Solver::Step): forward/backward iter_size times, smooth, update, repeat.
+
+Per iteration, as Caffe does it: the param diffs start at zero; iter_size forward/backward
+passes each read the next batch and add their gradients; the reported loss is their mean;
+the smoothed loss averages the last `average_loss` iterations; then the solver applies
+one update and the iteration count goes up.  A NaN/inf loss stops before its update, so
+the weights (and any snapshot) stay the last good ones.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from caffeonnx.errors import TrainingDiverged
+from caffeonnx.proto import caffe_pb2
+from caffeonnx.trainer.data import BatchSource
+from caffeonnx.trainer.graph_module import GraphModule
+from caffeonnx.trainer.solvers import SGDSolver, make_solver
+
+
+@dataclass
+class Iteration:
+    """What one iteration did: its loss before the update, the smoothed loss and the rate used."""
+
+    iter: int
+    loss: float
+    smoothed_loss: float
+    lr: float
+    outputs: dict[str, float] = field(default_factory=dict)  # each loss top's (unweighted) value
+
+
+@dataclass
+class SmoothedLoss:
+    """Caffe's UpdateSmoothedLoss: the mean of the last `window` iteration losses (a ring buffer)."""
+
+    window: int
+    losses: list[float] = field(default_factory=list)
+    value: float = 0.0
+    start_iter: int = 0
+
+    def update(self, loss: float, iteration: int) -> float:
+        """Add the loss of `iteration`; returns the smoothed loss."""
+        if len(self.losses) < self.window:
+            self.losses.append(loss)
+            n = len(self.losses)
+            self.value = (self.value * (n - 1) + loss) / n
+        else:
+            k = (iteration - self.start_iter) % self.window
+            self.value += (loss - self.losses[k]) / self.window
+            self.losses[k] = loss
+        return self.value
+
+
+class Trainer:
+    """A GraphModule, a Caffe solver and a batch source, stepped as Caffe's Solver::Step."""
+
+    def __init__(self, module: GraphModule, param: caffe_pb2.SolverParameter, data: BatchSource,
+                 source: str = "solver") -> None:
+        self.module = module.train()
+        self.param = param
+        self.data = data
+        self.solver: SGDSolver = make_solver(param, module.named_blobs(), source)
+        self.outputs = module.loss_outputs()
+        self.smoothed = SmoothedLoss(max(1, param.average_loss))
+
+    @property
+    def iter(self) -> int:
+        """Updates applied so far (Caffe's iter_)."""
+        return self.solver.iter
+
+    def forward_backward(self, batch_index: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """One pass on batch `batch_index`: the objective (gradients added to the params) and the loss tops."""
+        values = self.module(self.data.batch(batch_index), self.outputs)
+        loss = self.module.loss(values)
+        loss.backward()
+        return loss.detach(), {t.blob: values[t.value].detach() for t in self.module.loss_terms}
+
+    def step(self, iters: int, on_iteration: Callable[[Iteration], None] | None = None) -> list[Iteration]:
+        """Run `iters` iterations (Caffe's Solver::Step); raises TrainingDiverged on a NaN/inf loss."""
+        done = []
+        size = self.param.iter_size
+        for _ in range(iters):
+            for p in self.module.params:
+                p.grad = None
+            total = torch.zeros(())
+            tops: dict[str, float] = {}
+            for k in range(size):
+                loss, values = self.forward_backward(self.iter * size + k)
+                total = total + loss.cpu()
+                for name, v in values.items():
+                    tops[name] = tops.get(name, 0.0) + float(v.sum()) / size
+            loss_value = float(total) / size
+            if not math.isfinite(loss_value):
+                raise TrainingDiverged(
+                    f"the loss is {loss_value} at iteration {self.iter} (tops: {tops}); stopped before updating, so "
+                    "the weights and snapshots are the last finite ones. Lower base_lr or set clip_gradients"
+                )
+            smoothed = self.smoothed.update(loss_value, self.iter)
+            rate = self.solver.apply_update()
+            record = Iteration(self.iter - 1, loss_value, smoothed, rate, tops)
+            done.append(record)
+            if on_iteration is not None:
+                on_iteration(record)
+        return done

@@ -1,0 +1,232 @@
+"""Caffe's solvers with their exact update rules (src/caffe/solvers/*.cpp).
+
+One update (SGDSolver::ApplyUpdate): rate from the lr policy; clip the accumulated
+gradient's global L2 norm to clip_gradients; then per param: Normalize (divide by
+iter_size), Regularize (add weight_decay·decay_mult·w for L2, ·sign(w) for L1),
+ComputeUpdateValue (solver specific, uses rate·lr_mult), and w ← w − update.
+
+These differ from torch.optim on purpose: Caffe's SGD history holds lr-scaled steps
+(h ← m·h + lr·g, w ← w − h), so when the rate changes the old velocity is kept as it
+was; Caffe's Adam puts epsilon outside the bias correction
+(w ← w − lr·√(1−β₂ᵗ)/(1−β₁ᵗ)·m/(√v + ε)); clipping sees the sum over iter_size passes.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from caffeonnx.errors import SolverError
+from caffeonnx.proto import caffe_pb2
+from caffeonnx.trainer.graph_module import ParamInfo
+from caffeonnx.trainer.lr_policy import LearningRate
+
+Tensor = torch.Tensor
+
+# SolverParameter.solver_type (deprecated enum) -> the `type` string Caffe upgrades it to.
+_LEGACY_TYPES = {
+    caffe_pb2.SolverParameter.SGD: "SGD",
+    caffe_pb2.SolverParameter.NESTEROV: "Nesterov",
+    caffe_pb2.SolverParameter.ADAGRAD: "AdaGrad",
+    caffe_pb2.SolverParameter.RMSPROP: "RMSProp",
+    caffe_pb2.SolverParameter.ADADELTA: "AdaDelta",
+    caffe_pb2.SolverParameter.ADAM: "Adam",
+}
+
+
+def solver_type(param: caffe_pb2.SolverParameter, source: str = "solver") -> str:
+    """The solver type, with Caffe's upgrade of the deprecated `solver_type` enum."""
+    if param.HasField("solver_type"):
+        if param.HasField("type"):
+            raise SolverError(
+                f"{source}: Failed to upgrade solver: old solver_type field (enum) and new type field (string) "
+                "cannot be both specified in solver proto text; keep only `type`"
+            )
+        return _LEGACY_TYPES[param.solver_type]
+    return param.type
+
+
+class SGDSolver:
+    """Caffe SGD: h ← momentum·h + local_rate·g;  w ← w − h."""
+
+    name = "SGD"
+    history_sets = 1  # how many history blobs per param Caffe keeps (and snapshots)
+
+    def __init__(self, param: caffe_pb2.SolverParameter, blobs: Sequence[tuple[ParamInfo, nn.Parameter]],
+                 source: str = "solver") -> None:
+        self.param = param
+        self.source = source
+        self.blobs = list(blobs)
+        self.lr = LearningRate(param, source)
+        self.iter = 0
+        self.check()
+        if param.regularization_type not in ("L2", "L1"):
+            raise SolverError(f"{source}: Unknown regularization type: {param.regularization_type!r}; use L2 or L1")
+        if param.iter_size < 1:
+            raise SolverError(f"{source}: iter_size must be >= 1, got {param.iter_size!r}")
+        self.history: list[list[Tensor]] = [[torch.zeros_like(p) for _, p in self.blobs] for _ in range(self.history_sets)]
+
+    def check(self) -> None:
+        """Caffe's constructor sanity checks for this solver type."""
+
+    # --- one update -------------------------------------------------------------------
+    @torch.no_grad()
+    def apply_update(self) -> float:
+        """Turn the accumulated gradients into one Caffe update; returns the rate used."""
+        rate = self.lr.rate(self.iter)
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for _, p in self.blobs]
+        self.clip(grads)
+        for i, ((info, p), g) in enumerate(zip(self.blobs, grads)):
+            if info.lr_mult == 0:
+                continue  # Caffe's update is exactly zero: every rule below scales by rate·lr_mult
+            g = self.regularize(info, p, self.normalize(g))
+            local_rate = float(np.float32(rate) * np.float32(info.lr_mult))
+            p.sub_(self.update_value(i, g, local_rate))
+        self.iter += 1
+        return rate
+
+    def clip(self, grads: list[Tensor]) -> None:
+        """ClipGradients: scale all diffs by clip/‖g‖ when the global L2 norm exceeds clip_gradients."""
+        clip = self.param.clip_gradients
+        if clip < 0:
+            return
+        norm = math.sqrt(sum(float(torch.sum(g * g)) for g in grads))
+        if norm > clip:
+            for g in grads:
+                g.mul_(clip / norm)
+
+    def normalize(self, g: Tensor) -> Tensor:
+        """Normalize: the diff accumulated over iter_size passes, times 1/iter_size."""
+        size = self.param.iter_size
+        return g if size == 1 else g * float(np.float32(1.0) / np.float32(size))
+
+    def regularize(self, info: ParamInfo, w: Tensor, g: Tensor) -> Tensor:
+        """Regularize: g + local_decay·w (L2) or g + local_decay·sign(w) (L1)."""
+        decay = float(np.float32(self.param.weight_decay) * np.float32(info.decay_mult))
+        if not decay:
+            return g
+        return g + decay * (w if self.param.regularization_type == "L2" else torch.sign(w))
+
+    def update_value(self, i: int, g: Tensor, local_rate: float) -> Tensor:
+        """ComputeUpdateValue: what to subtract from param `i`."""
+        h = self.history[0][i]
+        h.mul_(self.param.momentum).add_(g, alpha=local_rate)
+        return h
+
+    # --- state ------------------------------------------------------------------------
+    def history_arrays(self) -> list[np.ndarray]:
+        """Every history blob in Caffe's SolverState order (all params' first set, then the second...)."""
+        return [h.detach().cpu().numpy().astype(np.float32) for group in self.history for h in group]
+
+    @torch.no_grad()
+    def restore(self, iteration: int, current_step: int, history: Sequence[np.ndarray], source: str) -> None:
+        """Continue from a snapshot: iteration count, lr-policy step and history (Caffe's Restore)."""
+        flat = [h for group in self.history for h in group]
+        if len(history) != len(flat):
+            raise SolverError(
+                f"{source}: the solver state has {len(history)} history blobs but a {self.name} solver on this net "
+                f"needs {len(flat)}; was it written by another solver type or net?"
+            )
+        for k, (h, arr) in enumerate(zip(flat, history)):
+            if arr.size != h.numel():
+                raise SolverError(f"{source}: history blob {k} has {arr.size} values but its param has {h.numel()}")
+            h.copy_(torch.from_numpy(np.asarray(arr, dtype=np.float32).reshape(tuple(h.shape))))
+        self.iter = iteration
+        self.lr.current_step = current_step
+
+
+class NesterovSolver(SGDSolver):
+    """Caffe Nesterov: h ← m·h + lr·g; update = (1 + m)·h − m·h_prev."""
+
+    name = "Nesterov"
+
+    def update_value(self, i: int, g: Tensor, local_rate: float) -> Tensor:
+        h = self.history[0][i]
+        previous = h.clone()
+        m = self.param.momentum
+        h.mul_(m).add_(g, alpha=local_rate)
+        return h * (1.0 + m) - previous * m
+
+
+class AdaGradSolver(SGDSolver):
+    """Caffe AdaGrad: h ← h + g²; update = lr·g / (√h + delta)."""
+
+    name = "AdaGrad"
+
+    def check(self) -> None:
+        if self.param.momentum != 0:
+            raise SolverError(f"{self.source}: Momentum cannot be used with AdaGrad (momentum is "
+                              f"{self.param.momentum:g}); remove `momentum` or pick SGD/Nesterov")
+
+    def update_value(self, i: int, g: Tensor, local_rate: float) -> Tensor:
+        h = self.history[0][i]
+        h.add_(g * g)
+        return g / (torch.sqrt(h) + self.param.delta) * local_rate
+
+
+class RMSPropSolver(SGDSolver):
+    """Caffe RMSProp: h ← (1 − d)·g² + d·h; update = lr·g / (√h + delta)."""
+
+    name = "RMSProp"
+
+    def check(self) -> None:
+        if self.param.momentum != 0:
+            raise SolverError(f"{self.source}: Momentum cannot be used with RMSProp (momentum is "
+                              f"{self.param.momentum:g}); remove `momentum` and set rms_decay instead")
+        if not 0 <= self.param.rms_decay < 1:
+            raise SolverError(f"{self.source}: rms_decay should lie between 0 and 1, got {self.param.rms_decay:g}")
+
+    def update_value(self, i: int, g: Tensor, local_rate: float) -> Tensor:
+        h, d = self.history[0][i], self.param.rms_decay
+        h.mul_(d).add_(g * g, alpha=1.0 - d)
+        return g / (torch.sqrt(h) + self.param.delta) * local_rate
+
+
+class AdaDeltaSolver(SGDSolver):
+    """Caffe AdaDelta: hg ← (1−m)·g² + m·hg; u = g·√((hu + δ)/(hg + δ)); hu ← (1−m)·u² + m·hu; update = lr·u."""
+
+    name = "AdaDelta"
+    history_sets = 2
+
+    def update_value(self, i: int, g: Tensor, local_rate: float) -> Tensor:
+        hg, hu = self.history[0][i], self.history[1][i]
+        m, delta = self.param.momentum, self.param.delta
+        hg.mul_(m).add_(g * g, alpha=1.0 - m)
+        u = g * torch.sqrt((hu + delta) / (hg + delta))
+        hu.mul_(m).add_(u * u, alpha=1.0 - m)
+        return u * local_rate
+
+
+class AdamSolver(SGDSolver):
+    """Caffe Adam: m ← β₁m + (1−β₁)g; v ← β₂v + (1−β₂)g²; update = lr·√(1−β₂ᵗ)/(1−β₁ᵗ)·m/(√v + δ)."""
+
+    name = "Adam"
+    history_sets = 2
+
+    def update_value(self, i: int, g: Tensor, local_rate: float) -> Tensor:
+        m, v = self.history[0][i], self.history[1][i]
+        b1, b2 = self.param.momentum, self.param.momentum2
+        t = self.iter + 1
+        correction = math.sqrt(1.0 - b2 ** t) / (1.0 - b1 ** t)
+        m.mul_(b1).add_(g, alpha=1.0 - b1)
+        v.mul_(b2).add_(g * g, alpha=1.0 - b2)
+        return m / (torch.sqrt(v) + self.param.delta) * (local_rate * correction)
+
+
+SOLVERS: dict[str, type[SGDSolver]] = {
+    cls.name: cls for cls in (SGDSolver, NesterovSolver, AdaGradSolver, RMSPropSolver, AdaDeltaSolver, AdamSolver)
+}
+
+
+def make_solver(param: caffe_pb2.SolverParameter, blobs: Sequence[tuple[ParamInfo, nn.Parameter]],
+                source: str = "solver") -> SGDSolver:
+    """The Caffe solver `param` asks for, over the net's learnable blobs."""
+    kind = solver_type(param, source)
+    if kind not in SOLVERS:
+        raise SolverError(
+            f"{source}: Unknown solver type: {kind!r} (known types: {', '.join(sorted(SOLVERS))})"
+        )
+    return SOLVERS[kind](param, blobs, source)
