@@ -139,11 +139,15 @@ def to_caffe(
     output: Annotated[Path, typer.Option("-o", "--output", help="Caffe net definition to write (.prototxt).")],
     weights: Annotated[Optional[Path], typer.Option("--weights", help="Caffe weights to write (.caffemodel).")] = None,
     batch: BatchOption = None,
+    allow_extensions: Annotated[
+        bool, typer.Option("--allow-extensions",
+                           help="Allow layers/fields newer than BVLC Caffe 1.0 (Permute, Clip, pooling round_mode).")
+    ] = False,
 ) -> None:
     """Convert ONNX back to a Caffe prototxt (+ caffemodel); exact for models caffeonnx wrote."""
     from caffeonnx.converter.onnx_to_caffe import convert_to_caffe_files
 
-    result = convert_to_caffe_files(model, output, weights, batch)
+    result = convert_to_caffe_files(model, output, weights, batch, allow_extensions)
     n_blobs = sum(len(b) for b in result.blobs.values())
     out.print(f"wrote {output} ({len(result.net.layer)} layers)" + (f" and {weights} ({n_blobs} blobs)" if weights else ""))
 

@@ -117,13 +117,16 @@ def _set_batch(net: caffe_pb2.NetParameter, batch: int) -> None:
                     shape.dim[0] = batch
 
 
-def onnx_to_caffe(model: ModelProto, batch: int | None = None) -> CaffeNet:
-    """Convert an ONNX model to a Caffe net + weights (exact for caffeonnx's own models)."""
+def onnx_to_caffe(model: ModelProto, batch: int | None = None, extensions: bool = False) -> CaffeNet:
+    """Convert an ONNX model to a Caffe net + weights (exact for caffeonnx's own models).
+
+    `extensions` lets foreign models use layers/fields newer than BVLC Caffe 1.0 (Permute, Clip, round_mode).
+    """
     if metadata.caffe_net_from(model) is not None:
         return _restore(model, batch)
     from caffeonnx.converter.foreign import convert_foreign
 
-    return convert_foreign(model, batch)
+    return convert_foreign(model, batch, extensions)
 
 
 def convert_to_caffe_files(
@@ -131,8 +134,9 @@ def convert_to_caffe_files(
     prototxt: str | os.PathLike[str],
     caffemodel: str | os.PathLike[str] | None = None,
     batch: int | None = None,
+    extensions: bool = False,
 ) -> CaffeNet:
     """`caffeonnx to-caffe`: read ONNX, write prototxt (+ caffemodel) atomically."""
-    result = onnx_to_caffe(load_onnx(onnx_path), batch)
+    result = onnx_to_caffe(load_onnx(onnx_path), batch, extensions)
     result.save(prototxt, caffemodel)
     return result
