@@ -266,7 +266,8 @@ def _key(fnum: int, wt: int) -> bytes:
 def _blob_bytes(array: np.ndarray) -> list[bytes | memoryview]:
     """Serialise one BlobProto (shape + packed float data) without per-element work."""
     arr = np.ascontiguousarray(array, dtype="<f4")
-    shape = caffe_pb2.BlobShape(dim=[int(d) for d in arr.shape]).SerializeToString()
+    # The shape of `array` itself: ascontiguousarray turns a 0-axis blob (PReLU channel_shared) into 1-axis.
+    shape = caffe_pb2.BlobShape(dim=[int(d) for d in np.shape(array)]).SerializeToString()
     head = _key(_BLOB_SHAPE, 2) + _varint_bytes(len(shape)) + shape
     payload = memoryview(arr).cast("B")
     data_head = _key(_BLOB_DATA, 2) + _varint_bytes(payload.nbytes)
