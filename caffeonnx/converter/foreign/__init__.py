@@ -33,7 +33,8 @@ def convert_foreign(model: ModelProto, batch: int | None = None, extensions: boo
         assert emitter is not None, "prepare() reports unsupported ops"
         emitter.emit(NodeContext(builder, node))
         for name in node.output:
-            if name and (builder.users.get(name) or name in graph.outputs) and name not in builder.values:
+            readers = [u for u in builder.users.get(name, []) if u.name not in builder.absorbed]
+            if name and (readers or name in graph.outputs) and name not in builder.values:
                 raise RuntimeError(f"emitter {emitter.module}.{emitter.emit.__name__} left output {name!r} of node "
                                    f"{node.name!r} unwritten")
     builder.finish()

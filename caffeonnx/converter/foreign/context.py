@@ -87,7 +87,7 @@ class CaffeBuilder:
         """Append `array` as the layer's next blob, recording the initializer it copies."""
         stored = self.blobs.setdefault(layer.name, [])
         self._uses.append(ParamUse(layer, len(stored), source, role))
-        stored.append(np.ascontiguousarray(array, dtype=np.float32))
+        stored.append(np.array(array, dtype=np.float32, order="C"))  # copies; keeps 0-axis blobs 0-axis
 
     def add_input(self, name: str, shape: Shape) -> None:
         """An Input layer for one graph input."""

@@ -40,7 +40,8 @@ def make_model(nodes: list[onnx.NodeProto], inputs: dict[str, list[int | str]], 
         [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in outputs],
         [numpy_helper.from_array(np.asarray(v), k) for k, v in (inits or {}).items()],
     )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=9)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=9)
+    return onnx.shape_inference.infer_shapes(model)  # output shapes, which onnx.checker requires
 
 
 def run_onnx(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -79,3 +80,25 @@ def check_conversion(model: onnx.ModelProto, feeds: dict[str, np.ndarray], tmp_p
         for name, value in want.items():
             assert_close(got[name], value, f"{name} (Caffe -> ONNX vs onnxruntime)", atol, rtol)
     return result
+
+
+def node(op: str, inputs: list[str], outputs: list[str] | None = None, **attrs: object) -> onnx.NodeProto:
+    """An ONNX node named after its op and first output (default output: 'y')."""
+    outputs = outputs or ["y"]
+    return helper.make_node(op, inputs, outputs, name=f"{op.lower()}_{outputs[0]}", **attrs)
+
+
+def feeds_for(model: onnx.ModelProto, seed: int, positive: bool = False) -> dict[str, np.ndarray]:
+    """Seeded float32 inputs for every graph input (positive: |N(0,1)| + 0.5, for Log/Sqrt/Pow)."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for value in model.graph.input:
+        shape = [d.dim_value for d in value.type.tensor_type.shape.dim]
+        x = rng.standard_normal(shape).astype(np.float32)
+        out[value.name] = np.abs(x) + np.float32(0.5) if positive else x
+    return out
+
+
+def layer_types(result: CaffeNet) -> list[str]:
+    """The Caffe layer types of a converted net, in order."""
+    return [lay.type for lay in result.net.layer]
