@@ -211,6 +211,8 @@ def main() -> None:
 
 from caffeonnx.runtime.commands import register as register_runtime  # noqa: E402
 register_runtime(app)
+from caffeonnx.trainer.commands import register as register_trainer  # noqa: E402
+register_trainer(app)
 
 
 if __name__ == "__main__":

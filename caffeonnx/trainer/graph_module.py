@@ -27,7 +27,7 @@ from onnx import ModelProto, helper, numpy_helper
 from torch import nn
 
 from caffeonnx.converter import metadata
-from caffeonnx.converter.caffe_io import write_caffemodel
+from caffeonnx.converter.caffe_io import CaffeWeights, write_caffemodel
 from caffeonnx.converter.caffe_to_onnx import ConvertedModel, filter_layers
 from caffeonnx.converter.context import ConvertOptions
 from caffeonnx.converter.layers.loss import effective_loss_weights
@@ -156,6 +156,7 @@ class GraphModule(nn.Module):
         self.loss_terms = self._find_loss_terms()
         self.overrides = self._find_overrides()
         self._plans: dict[tuple[tuple[str, ...], bool], list[tuple[_Step, list[str]]]] = {}
+        self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)
 
     # --- building -----------------------------------------------------------------
@@ -229,7 +230,7 @@ class GraphModule(nn.Module):
 
         def run(xs: list[Tensor]) -> list[Tensor]:
             x = xs[0]
-            keep = torch.rand(x.shape, generator=self._generator_for(x.device), device=x.device) >= p
+            keep = torch.rand(x.shape, generator=self.generator_for(x.device), device=x.device) >= p
             return [x * keep.to(x.dtype) * scale]
 
         return run
@@ -260,10 +261,10 @@ class GraphModule(nn.Module):
 
         return run
 
-    def _generator_for(self, device: torch.device) -> torch.Generator:
+    def generator_for(self, device: torch.device) -> torch.Generator:
+        """The random generator of TRAIN-phase layers (Dropout) on `device`, seeded with the module's seed."""
         if self.generator.device != device:
-            seed = int(torch.randint(0, 2**62, (1,), generator=self.generator).item())
-            self.generator = torch.Generator(device=device).manual_seed(seed)
+            self.generator = torch.Generator(device=device).manual_seed(self.seed)
         return self.generator
 
     # --- running ------------------------------------------------------------------
@@ -354,6 +355,11 @@ class GraphModule(nn.Module):
             total = total + values[term.value].sum() * term.weight
         return total
 
+    def required_inputs(self, outputs: Sequence[str]) -> list[str]:
+        """The graph inputs that computing `outputs` reads (in graph order)."""
+        read = {n for step, _ in self._plan(tuple(outputs), self.training) for n in step.inputs}
+        return [n for n in self.input_names if n in read or n in outputs]
+
     def loss_outputs(self) -> list[str]:
         """The ONNX values the objective needs."""
         return list(dict.fromkeys(t.value for t in self.loss_terms))
@@ -402,7 +408,26 @@ class GraphModule(nn.Module):
                         f"{source}: {name!r} has shape {list(arr.shape)} but the net's blob is {list(p.shape)}; "
                         "are these weights from another net?"
                     )
-                p.copy_(torch.from_numpy(np.asarray(arr, dtype=np.float32)))
+                p.copy_(torch.from_numpy(np.array(arr, dtype=np.float32)))
+
+    def load_caffe_weights(self, weights: CaffeWeights) -> list[str]:
+        """Copy each param from the first of its layers found in a caffemodel; returns the params not found."""
+        missing, arrays = [], {}
+        for info, p in self.named_blobs():
+            found = next(((layer, i) for layer, i in info.users if len(weights.blobs.get(layer, ())) > i), None)
+            if found is None:
+                missing.append(info.name)
+                continue
+            arr = weights.blobs[found[0]][found[1]].data
+            arrays[info.name] = arr.reshape(tuple(p.shape)) if arr.size == p.numel() else arr
+        self.load_arrays(arrays, str(weights.path))
+        return missing
+
+    def share_parameters(self, other: GraphModule) -> None:
+        """Use `other`'s Parameter objects for every initializer both have (a TEST net sharing the TRAIN weights)."""
+        for name, i in self._param_index.items():
+            if name in other._param_index:
+                self.params[i] = other.parameter(name)
 
     def to_converted(self) -> ConvertedModel:
         """The same ONNX graph with the current values as its initializers (ties stay one initializer)."""
