@@ -1,15 +1,19 @@
 """Every torch kernel against onnxruntime on single-node graphs (seeded; atol 1e-5, rtol 1e-4)."""
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx.defs
 import onnxruntime as ort
 import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+import caffeonnx.converter.layers as converter_layers
 from caffeonnx.errors import UnsupportedError
 from caffeonnx.trainer.graph_module import GraphModule
 from caffeonnx.trainer.ops import supported_ops
@@ -226,3 +230,11 @@ def test_unsupported_ops_are_listed_at_once() -> None:
                               [helper.make_tensor_value_info("c", TensorProto.FLOAT, None)])
     with pytest.raises(UnsupportedError, match=r"3 node\(s\): Det \(2 nodes\), Unique \(1 node\)"):
         GraphModule(helper.make_model(graph))
+
+
+def test_every_onnx_op_the_converter_can_emit_has_a_kernel() -> None:
+    """Scan the converter's layer handlers for ONNX op names, so a newly emitted op fails here first."""
+    named = {m.group(1) for f in Path(converter_layers.__path__[0]).glob("*.py")
+             for m in re.finditer(r'"([A-Z][A-Za-z]+)"', f.read_text()) if onnx.defs.has(m.group(1))}
+    assert len(named) > 30, f"the scan found only {sorted(named)}"
+    assert sorted(named - set(supported_ops())) == []
