@@ -103,7 +103,7 @@ def _convolution(lay, bottoms, params):
                        for o, d, s, size in zip(offset, dilation, stride, out))
         patch = padded[(slice(None), slice(None), *window)]
         for g in range(group):
-            wg = w[g * cout:(g + 1) * cout, :, *offset]  # (cout, cin)
+            wg = w[(slice(g * cout, (g + 1) * cout), slice(None), *offset)]  # (cout, cin)
             y[:, g * cout:(g + 1) * cout] += np.einsum("oc,nc...->no...", wg, patch[:, g * cin:(g + 1) * cin])
     if p.bias_term:
         y += params[1].reshape(1, -1, *([1] * n))
@@ -125,7 +125,7 @@ def _deconvolution(lay, bottoms, params):
         window = tuple(slice(o * d, o * d + (size - 1) * s + 1, s)
                        for o, d, s, size in zip(offset, dilation, stride, x.shape[2:]))
         for g in range(group):
-            wg = w[g * cin:(g + 1) * cin, :, *offset]  # (cin, cout)
+            wg = w[(slice(g * cin, (g + 1) * cin), slice(None), *offset)]  # (cin, cout)
             y[(slice(None), slice(g * cout, (g + 1) * cout), *window)] += np.einsum(
                 "co,nc...->no...", wg, x[:, g * cin:(g + 1) * cin])
     y = y[(slice(None), slice(None), *(slice(q, f - q) for q, f in zip(pad, full)))]

@@ -73,7 +73,8 @@ class CaffeBuilder:
         self._blob_names.add(name)
         return name
 
-    def add_layer(self, layer_type: str, name: str, bottoms: Sequence[str], tops: Sequence[str]) -> caffe_pb2.LayerParameter:
+    def add_layer(self, layer_type: str, name: str, bottoms: Sequence[str],
+                  tops: Sequence[str]) -> caffe_pb2.LayerParameter:
         """Append a layer (its name made unique) and return it for its fields to be set."""
         unique, k = name, 1
         while unique in self._layer_names:

@@ -246,7 +246,8 @@ def _live_nodes(graph: onnx.GraphProto) -> set[int]:
     return live
 
 
-def _one_node_model(node: NodeProto, model: ModelProto, consts: dict[str, Const], shapes: dict[str, Shape]) -> ModelProto:
+def _one_node_model(node: NodeProto, model: ModelProto, consts: dict[str, Const],
+                    shapes: dict[str, Shape]) -> ModelProto:
     """`node` alone, its constant inputs as initializers and the others as typed graph inputs."""
     inits, inputs = [], []
     for name in dict.fromkeys(i for i in node.input if i):

@@ -22,13 +22,15 @@ from tests import caffe_numpy
 from tests.helpers import assert_close
 
 # Layer types of BVLC Caffe 1.0 (its layer registry), independent of the converter's own list.
-CAFFE_1_0_LAYERS = frozenset("""
-AbsVal Accuracy ArgMax BatchNorm BatchReindex Bias BNLL Concat ContrastiveLoss Convolution Crop Data Deconvolution
-Dropout DummyData Eltwise ELU Embed EuclideanLoss Exp Filter Flatten HDF5Data HDF5Output HingeLoss Im2col ImageData
-InfogainLoss InnerProduct Input Log LRN LSTM MemoryData MultinomialLogisticLoss MVN Parameter Pooling Power PReLU
-Python Reduction ReLU Reshape RNN Scale Sigmoid SigmoidCrossEntropyLoss Silence Slice Softmax SoftmaxWithLoss Split SPP
-TanH Threshold Tile WindowData
-""".split())
+CAFFE_1_0_LAYERS = frozenset({
+    "AbsVal", "Accuracy", "ArgMax", "BatchNorm", "BatchReindex", "Bias", "BNLL", "Concat", "ContrastiveLoss",
+    "Convolution", "Crop", "Data", "Deconvolution", "Dropout", "DummyData", "Eltwise", "ELU", "Embed",
+    "EuclideanLoss", "Exp", "Filter", "Flatten", "HDF5Data", "HDF5Output", "HingeLoss", "Im2col", "ImageData",
+    "InfogainLoss", "InnerProduct", "Input", "Log", "LRN", "LSTM", "MemoryData", "MultinomialLogisticLoss", "MVN",
+    "Parameter", "Pooling", "Power", "PReLU", "Python", "Reduction", "ReLU", "Reshape", "RNN", "Scale", "Sigmoid",
+    "SigmoidCrossEntropyLoss", "Silence", "Slice", "Softmax", "SoftmaxWithLoss", "Split", "SPP", "TanH",
+    "Threshold", "Tile", "WindowData",
+})
 
 
 def make_model(nodes: list[onnx.NodeProto], inputs: dict[str, list[int | str]], outputs: list[str],

@@ -14,13 +14,13 @@ def _weights(seed: int, shape: tuple[int, ...]) -> np.ndarray:
 
 
 CONV_CASES = {
-    "pad1": ([1, 3, 7, 7], (4, 3, 3, 3), dict(pads=[1, 1, 1, 1])),
-    "stride2_rect": ([2, 3, 8, 9], (4, 3, 3, 2), dict(strides=[2, 1], pads=[1, 0, 1, 0])),
-    "dilation_group": ([1, 4, 9, 9], (6, 2, 3, 3), dict(dilations=[2, 2], group=2, pads=[2, 2, 2, 2])),
-    "asym_begin_bigger": ([1, 2, 9, 9], (3, 2, 3, 3), dict(strides=[2, 2], pads=[1, 1, 0, 0])),
-    "same_upper_odd_kernel": ([1, 2, 8, 7], (3, 2, 3, 3), dict(auto_pad="SAME_UPPER")),
-    "same_lower": ([1, 2, 8, 7], (3, 2, 4, 4), dict(strides=[2, 2], auto_pad="SAME_LOWER")),
-    "valid_1d": ([2, 3, 10], (5, 3, 3), dict(auto_pad="VALID")),
+    "pad1": ([1, 3, 7, 7], (4, 3, 3, 3), {"pads": [1, 1, 1, 1]}),
+    "stride2_rect": ([2, 3, 8, 9], (4, 3, 3, 2), {"strides": [2, 1], "pads": [1, 0, 1, 0]}),
+    "dilation_group": ([1, 4, 9, 9], (6, 2, 3, 3), {"dilations": [2, 2], "group": 2, "pads": [2, 2, 2, 2]}),
+    "asym_begin_bigger": ([1, 2, 9, 9], (3, 2, 3, 3), {"strides": [2, 2], "pads": [1, 1, 0, 0]}),
+    "same_upper_odd_kernel": ([1, 2, 8, 7], (3, 2, 3, 3), {"auto_pad": "SAME_UPPER"}),
+    "same_lower": ([1, 2, 8, 7], (3, 2, 4, 4), {"strides": [2, 2], "auto_pad": "SAME_LOWER"}),
+    "valid_1d": ([2, 3, 10], (5, 3, 3), {"auto_pad": "VALID"}),
 }
 
 
@@ -44,12 +44,12 @@ def test_asymmetric_conv_slices_off_the_extra_windows(tmp_path: Path) -> None:
 
 
 DECONV_CASES = {
-    "stride2_pad1_outpad1": ([1, 4, 5, 5], (4, 2, 3, 3), dict(strides=[2, 2], pads=[1, 1, 1, 1],
-                                                               output_padding=[1, 1])),
-    "asym_pads": ([2, 3, 4, 4], (3, 2, 4, 4), dict(strides=[2, 2], pads=[2, 1, 0, 1])),
-    "group_dilation": ([1, 4, 5, 6], (4, 3, 3, 3), dict(group=2, dilations=[2, 1], pads=[1, 1, 1, 1])),
-    "output_shape": ([1, 2, 4, 4], (2, 3, 3, 3), dict(strides=[2, 2], output_shape=[8, 9])),
-    "same_upper": ([1, 2, 4, 5], (2, 2, 3, 3), dict(strides=[2, 2], auto_pad="SAME_UPPER")),
+    "stride2_pad1_outpad1": ([1, 4, 5, 5], (4, 2, 3, 3), {"strides": [2, 2], "pads": [1, 1, 1, 1],
+                                                               "output_padding": [1, 1]}),
+    "asym_pads": ([2, 3, 4, 4], (3, 2, 4, 4), {"strides": [2, 2], "pads": [2, 1, 0, 1]}),
+    "group_dilation": ([1, 4, 5, 6], (4, 3, 3, 3), {"group": 2, "dilations": [2, 1], "pads": [1, 1, 1, 1]}),
+    "output_shape": ([1, 2, 4, 4], (2, 3, 3, 3), {"strides": [2, 2], "output_shape": [8, 9]}),
+    "same_upper": ([1, 2, 4, 5], (2, 2, 3, 3), {"strides": [2, 2], "auto_pad": "SAME_UPPER"}),
 }
 
 

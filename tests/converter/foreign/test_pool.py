@@ -8,15 +8,16 @@ import pytest
 from tests.converter.foreign.helpers import check_conversion, feeds_for, layer_types, make_model, node
 
 POOL_CASES = {
-    "k2s2": ([2, 3, 8, 8], dict(kernel_shape=[2, 2], strides=[2, 2])),
-    "k3s2_pad1": ([1, 2, 9, 9], dict(kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1])),
-    "k3s2_floor_extra_window": ([1, 2, 8, 8], dict(kernel_shape=[3, 3], strides=[2, 2])),
-    "k3s2_pad1_floor_extra": ([1, 2, 8, 8], dict(kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1])),
-    "ceil_dropped_window": ([1, 2, 5, 5], dict(kernel_shape=[2, 2], strides=[3, 3], pads=[1, 1, 1, 1], ceil_mode=1)),
-    "ceil_partial": ([1, 2, 7, 6], dict(kernel_shape=[3, 2], strides=[2, 2], ceil_mode=1)),
-    "asym_pads": ([1, 2, 7, 7], dict(kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 0, 2])),
-    "same_upper": ([1, 2, 7, 8], dict(kernel_shape=[3, 3], strides=[2, 2], auto_pad="SAME_UPPER")),
-    "rect_stride1": ([1, 1, 6, 7], dict(kernel_shape=[2, 3], strides=[1, 2], pads=[0, 1, 0, 1])),
+    "k2s2": ([2, 3, 8, 8], {"kernel_shape": [2, 2], "strides": [2, 2]}),
+    "k3s2_pad1": ([1, 2, 9, 9], {"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1]}),
+    "k3s2_floor_extra_window": ([1, 2, 8, 8], {"kernel_shape": [3, 3], "strides": [2, 2]}),
+    "k3s2_pad1_floor_extra": ([1, 2, 8, 8], {"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1]}),
+    "ceil_dropped_window": ([1, 2, 5, 5], {"kernel_shape": [2, 2], "strides": [3, 3], "pads": [1, 1, 1, 1],
+                                           "ceil_mode": 1}),
+    "ceil_partial": ([1, 2, 7, 6], {"kernel_shape": [3, 2], "strides": [2, 2], "ceil_mode": 1}),
+    "asym_pads": ([1, 2, 7, 7], {"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 0, 2]}),
+    "same_upper": ([1, 2, 7, 8], {"kernel_shape": [3, 3], "strides": [2, 2], "auto_pad": "SAME_UPPER"}),
+    "rect_stride1": ([1, 1, 6, 7], {"kernel_shape": [2, 3], "strides": [1, 2], "pads": [0, 1, 0, 1]}),
 }
 
 

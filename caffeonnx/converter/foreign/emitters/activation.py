@@ -123,7 +123,8 @@ def emit_hard_sigmoid(ctx: NodeContext) -> None:
     gate = ctx.temp("gate") if swish else ctx.output()
     _clip(ctx, lin, 0.0, 1.0, gate)
     if swish:
-        ctx.layer("Eltwise", [ctx.blob(0), gate], [ctx.output()]).eltwise_param.operation = caffe_pb2.EltwiseParameter.PROD
+        product = ctx.layer("Eltwise", [ctx.blob(0), gate], [ctx.output()])
+        product.eltwise_param.operation = caffe_pb2.EltwiseParameter.PROD
 
 
 @register_op("Softmax")

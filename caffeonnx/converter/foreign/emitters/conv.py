@@ -79,8 +79,8 @@ def emit_conv(ctx: NodeContext) -> None:
     want = list(out_shape[2:])
     if any(c < o for c, o in zip(caffe_out, want)):
         raise ctx.unsupported(
-            f"pads {[p for pair in zip(*pads) for p in pair]!r} (begin, end) give {want!r} outputs per axis but Caffe's "
-            f"symmetric pad can only give {caffe_out!r}; pad the input symmetrically in the model"
+            f"pads {[p for side in zip(*pads) for p in side]!r} (begins, then ends) give {want!r} outputs per axis "
+            f"but Caffe's symmetric pad can only give {caffe_out!r}; pad the input symmetrically in the model"
         )
     w = ctx.const(1)
     assert w is not None

@@ -113,7 +113,7 @@ def _two_blobs(ctx: NodeContext) -> None:
     if tuple(small_shape) != core:
         small = reshape(ctx, small, small_shape, core, ctx.temp("operand"))
     if op in ("Sub", "Div"):
-        inverse = dict(scale=-1.0) if op == "Sub" else dict(power=-1.0)
+        inverse = {"scale": -1.0} if op == "Sub" else {"power": -1.0}
         if swapped:  # a - b = (-b) + a ; a / b = (1/b) · a
             big = power(ctx, big, ctx.temp("inverse"), **inverse)
         else:  # a - b = a + (-b) ; a / b = a · (1/b)
@@ -188,5 +188,5 @@ def emit_pow(ctx: NodeContext) -> None:
 @register_op("Sqrt", "Reciprocal", "Neg")
 def emit_power_family(ctx: NodeContext) -> None:
     """Sqrt, Reciprocal, Neg -> Power (power 0.5, power -1, scale -1)."""
-    fields = {"Sqrt": dict(power=0.5), "Reciprocal": dict(power=-1.0), "Neg": dict(scale=-1.0)}[ctx.op]
+    fields = {"Sqrt": {"power": 0.5}, "Reciprocal": {"power": -1.0}, "Neg": {"scale": -1.0}}[ctx.op]
     _power_of(ctx, **fields)

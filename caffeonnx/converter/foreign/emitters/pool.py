@@ -69,8 +69,8 @@ def emit_pool(ctx: NodeContext) -> None:
     got = floor_sizes if floor else ceil_sizes
     if any(g < o for g, o in zip(got, want)):
         raise ctx.unsupported(
-            f"pads {[p for pair in zip(*pads) for p in pair]!r} (begin, end) give {want!r} windows per axis, more than "
-            f"Caffe's {got!r} with pad = begin pad; pad the input symmetrically in the model"
+            f"pads {[p for side in zip(*pads) for p in side]!r} (begins, then ends) give {want!r} windows per axis, "
+            f"more than Caffe's {got!r} with pad = begin pad; pad the input symmetrically in the model"
         )
     is_max = ctx.op == "MaxPool"
     scale = None
