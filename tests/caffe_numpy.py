@@ -284,6 +284,19 @@ def _eltwise(lay, bottoms, params):
     return [sum(c * b for c, b in zip(coeff, bottoms))]
 
 
+@layer("Reduction")
+def _reduction(lay, bottoms, params):
+    """ReductionLayer: reduce every axis from `axis` on (they are dropped), times coeff."""
+    p = lay.reduction_param
+    x = bottoms[0]
+    axis = _axis(p.axis, x.ndim)
+    flat = x.reshape(*x.shape[:axis], -1)
+    R = caffe_pb2.ReductionParameter
+    values = {R.SUM: flat, R.MEAN: flat, R.ASUM: np.abs(flat), R.SUMSQ: flat * flat}[p.operation]
+    reduced = values.mean(axis=-1) if p.operation == R.MEAN else values.sum(axis=-1)
+    return [reduced * p.coeff]
+
+
 # --- data movement -----------------------------------------------------------------------
 @layer("Concat")
 def _concat(lay, bottoms, params):

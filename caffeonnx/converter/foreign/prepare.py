@@ -25,7 +25,7 @@ from onnx import ModelProto, NodeProto, TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
 from caffeonnx.converter.foreign.geometry import Window, onnx_pool_size, resolve_pads
-from caffeonnx.converter.foreign.registry import get_emitter
+from caffeonnx.converter.foreign.registry import get_emitter, supported_ops
 from caffeonnx.errors import CaffeOnnxError, InputFileError, UnsupportedError
 
 Shape = tuple[int, ...]
@@ -143,7 +143,7 @@ def prepare(model: ModelProto, batch: int | None = None) -> PreparedGraph:
         parts = [f"{op} ({len(names)}: {', '.join(map(repr, names))})" for op, names in sorted(unsupported.items())]
         raise UnsupportedError(
             f"ONNX model {graph.name!r} has {sum(map(len, unsupported.values()))} node(s) of op types Caffe layers "
-            f"cannot express: {'; '.join(parts)}. See 'caffeonnx to-caffe --help' for the supported ops."
+            f"cannot express: {'; '.join(parts)}. Supported ops: {', '.join(e.op_type for e in supported_ops())}"
         )
     for name in prepared.outputs:
         if name in consts:

@@ -74,3 +74,11 @@ def supported_ops() -> list[OpEmitter]:
     """All registered emitters, sorted by ONNX op type."""
     _load_all()
     return [_EMITTERS[t] for t in sorted(_EMITTERS)]
+
+
+def supported_ops_markdown() -> str:
+    """Markdown table of every ONNX op foreign models may use and the Caffe layers it becomes."""
+    rows = ["| ONNX op | Caffe layers | Emitter |", "|---|---|---|"]
+    for e in supported_ops():
+        rows.append(f"| `{e.op_type}` | {e.summary} | `{e.module.rsplit('.', 1)[-1]}.{e.emit.__name__}` |")
+    return "\n".join(rows)
