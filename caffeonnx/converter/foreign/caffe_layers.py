@@ -1,7 +1,6 @@
 """Small Caffe layer recipes the emitters share: Power, Reshape, crops (Slice + Silence), broadcasts."""
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 from caffeonnx.converter.foreign.context import NodeContext
@@ -43,7 +42,10 @@ def silence(ctx: NodeContext, blobs: Sequence[str]) -> None:
 
 
 def crop(ctx: NodeContext, bottom: str, shape: Shape, ranges: Sequence[tuple[int, int]], top: str) -> str:
-    """Keep [start, stop) of every axis with Caffe Slice layers (one per cut axis), silencing the rest."""
+    """Keep [start, stop) of every axis with Caffe Slice layers (one per cut axis), silencing the rest.
+
+    The last Slice writes `top`; callers cut at least one axis.
+    """
     cuts = [(axis, start, stop) for axis, (start, stop) in enumerate(ranges) if (start, stop) != (0, shape[axis])]
     current = bottom
     for i, (axis, start, stop) in enumerate(cuts):
@@ -61,9 +63,7 @@ def crop(ctx: NodeContext, bottom: str, shape: Shape, ranges: Sequence[tuple[int
         p.slice_point.extend(points)
         silence(ctx, dropped)
         current = kept
-    if current != top:
-        raise ValueError("crop() needs at least one axis to cut")
-    return top
+    return current
 
 
 def broadcast_span(big: Shape, small: Shape) -> tuple[int, Shape] | None:
@@ -84,8 +84,3 @@ def broadcast_span(big: Shape, small: Shape) -> tuple[int, Shape] | None:
     if any(padded[i] != big[i] for i in range(lo, hi)):
         return None
     return lo, tuple(big[lo:hi])
-
-
-def count(shape: Shape) -> int:
-    """Number of elements of a shape."""
-    return math.prod(shape)

@@ -9,7 +9,9 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper
+from typer.testing import CliRunner
 
+from caffeonnx.cli import app
 from caffeonnx.converter.onnx_to_caffe import convert_to_caffe_files, onnx_to_caffe
 from caffeonnx.errors import CaffeOnnxError, InputFileError, LayerError, UnsupportedError
 from tests.converter.foreign.helpers import make_model, node
@@ -153,19 +155,16 @@ def test_garbage_file_is_an_input_file_error(tmp_path: Path) -> None:
     assert not (tmp_path / "net.prototxt").exists()
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "caffeonnx.cli", "to-caffe", *args], capture_output=True, text=True,
-                          timeout=120, check=False)
-
-
 def test_cli_to_caffe_batch_extensions_and_errors(tmp_path: Path) -> None:
+    """The refusal runs the real CLI (exit 2, one error line, no file); the success runs it in-process."""
     model = make_model([node("Transpose", ["x"], perm=[0, 2, 3, 1])], {"x": ["N", 3, 6, 6]}, ["y"])
     onnx.save(model, tmp_path / "m.onnx")
     proto, weights = tmp_path / "net.prototxt", tmp_path / "net.caffemodel"
-    refused = _cli(str(tmp_path / "m.onnx"), "-o", str(proto), "--weights", str(weights), "--batch", "2")
+    args = ["to-caffe", str(tmp_path / "m.onnx"), "-o", str(proto), "--weights", str(weights), "--batch", "2"]
+    refused = subprocess.run([sys.executable, "-m", "caffeonnx.cli", *args], capture_output=True, text=True,
+                             timeout=120, check=False)
     assert refused.returncode == 2 and refused.stderr.count("error:") == 1, refused.stderr
     assert "--allow-extensions" in refused.stderr and not proto.exists() and not weights.exists()
-    ok = _cli(str(tmp_path / "m.onnx"), "-o", str(proto), "--weights", str(weights), "--batch", "2",
-              "--allow-extensions")
-    assert ok.returncode == 0, ok.stderr
+    ok = CliRunner().invoke(app, [*args, "--allow-extensions"])
+    assert ok.exit_code == 0, ok.output
     assert 'type: "Permute"' in proto.read_text() and weights.exists()
