@@ -32,12 +32,16 @@ def train(
     device: Annotated[str, typer.Option("--device", help="auto (CUDA when available), cpu or cuda.")] = "auto",
     deterministic: Annotated[bool, typer.Option(
         "--deterministic", help="Use only deterministic torch kernels (bitwise repeatable runs).")] = False,
+    wta: Annotated[list[str] | None, typer.Option(
+        "--wta", help="Winner-take-all sparsity while training: LAYER=k% on that layer's top (FC: lifetime; "
+                      "conv: spatial + lifetime). Repeatable.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Train a Caffe net with Caffe's solver semantics (exact updates, lr policies, snapshots)."""
     from caffeonnx.trainer.session import TrainOptions, run_training
 
-    opts = TrainOptions(solver, weights, snapshot, data, test_data, max_iter, output, log, device, deterministic)
+    opts = TrainOptions(solver, weights, snapshot, data, test_data, max_iter, output, log, device, deterministic,
+                        wta or [])
     columns = [TextColumn("iter"), MofNCompleteColumn(), BarColumn(), TextColumn("{task.fields[status]}"),
                TimeElapsedColumn()]
     with Progress(*columns, console=err, disable=quiet, transient=False) as bar:

@@ -156,6 +156,7 @@ class GraphModule(nn.Module):
         self.loss_terms = self._find_loss_terms()
         self.overrides = self._find_overrides()
         self._plans: dict[tuple[tuple[str, ...], bool], list[tuple[_Step, list[str]]]] = {}
+        self.train_transforms: dict[str, tuple[str, Callable[[Tensor], Tensor]]] = {}
         self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)
 
@@ -261,6 +262,19 @@ class GraphModule(nn.Module):
 
         return run
 
+    def add_train_transform(self, layer: str, fn: Callable[[Tensor], Tensor]) -> str:
+        """Apply `fn` to the first top of Caffe layer `layer` in training mode only (e.g. WTA sparsity).
+
+        Returns the ONNX value transformed.  Inference and exported graphs are untouched.
+        """
+        rec = next((r for r in self.records if r.name == layer), None)
+        if rec is None or not rec.tops:
+            names = [r.name for r in self.records]
+            raise CaffeOnnxError(f"no layer named {layer!r} with a top in this net; its layers are {names}")
+        self.train_transforms[layer] = (rec.tops[0], fn)
+        self._plans.clear()
+        return rec.tops[0]
+
     def generator_for(self, device: torch.device) -> torch.Generator:
         """The random generator of TRAIN-phase layers (Dropout) on `device`, seeded with the module's seed."""
         if self.generator.device != device:
@@ -286,6 +300,15 @@ class GraphModule(nn.Module):
                                    f"Caffe layer {ov.layer!r} (TRAIN)"))
                 for t in ov.tops:
                     producer[t] = index
+            for layer, (top, fn) in self.train_transforms.items():
+                j = producer[top]
+                before = f"{top}#before:{layer}"
+                src = steps[j]
+                steps[j] = _Step(src.kernel, src.inputs, [before if o == top else o for o in src.outputs], src.what)
+                index = len(steps)
+                position[index] = position[j] + 0.25  # right after the producer, before any consumer
+                steps.append(_Step(fn, [before], [top], f"training transform of layer {layer!r}"))
+                producer[before], producer[top] = j, index
         needed: set[int] = set()
         stack = list(outputs)
         seen: set[str] = set()

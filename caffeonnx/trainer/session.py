@@ -28,6 +28,7 @@ from caffeonnx.trainer.data import BatchSource, input_shapes, load_source, trans
 from caffeonnx.trainer.graph_module import GraphModule
 from caffeonnx.trainer.loop import Iteration, Trainer
 from caffeonnx.trainer.snapshot import SnapshotFiles, export_onnx, resume, write_snapshot
+from caffeonnx.trainer.wta import apply_wta, parse_wta
 
 Say = Callable[[str], None]
 
@@ -46,6 +47,7 @@ class TrainOptions:
     log: Path | None = None
     device: str = "auto"
     deterministic: bool = False
+    wta: list[str] = field(default_factory=list)  # LAYER=k% winner-take-all specs (training only)
 
 
 @dataclass
@@ -184,6 +186,8 @@ def run_training(opts: TrainOptions, say: Say = print, progress: Callable[[Itera
     weights_path = opts.weights or (Path(param.weights[0]) if param.weights else None)
     weights = read_weights(weights_path) if weights_path is not None else None
     module = build_module(tn, weights, seed)
+    for value in apply_wta(module, [parse_wta(text) for text in opts.wta]):
+        say(f"winner-take-all sparsity on {value!r} while training (inference and exports stay dense)")
     for note in tn.notes:
         say(f"note: {note}")
     data = _data_source(opts.data, module, tn, "train", say)

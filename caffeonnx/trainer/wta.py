@@ -1,0 +1,86 @@
+"""Winner-Take-All sparsity for autoencoders (Makhzani & Frey, NIPS 2015), training only.
+
+FC-WTA (a 2-D top, N×units): lifetime sparsity — each unit keeps its k% largest
+activations across the mini-batch, the rest become 0.  CONV-WTA (a 4-D top,
+N×C×H×W): spatial sparsity — each feature map of each sample keeps only its largest
+value — then lifetime sparsity over those winners across the mini-batch.  The mask is
+a constant of the forward pass, so gradients flow through the winners only.  Nothing
+of this is in the inference or exported graphs: at test time the codes are dense.
+
+Configured per Caffe layer: `--wta LAYER=5%` sparsifies that layer's top (usually the
+encoder's ReLU).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from caffeonnx.errors import CaffeOnnxError
+from caffeonnx.trainer.graph_module import GraphModule
+
+Tensor = torch.Tensor
+
+
+@dataclass(frozen=True)
+class WtaSpec:
+    """Lifetime sparsity `fraction` (0 < f <= 1) on the top of Caffe layer `layer`."""
+
+    layer: str
+    fraction: float
+
+
+def parse_wta(text: str) -> WtaSpec:
+    """`LAYER=5%` or `LAYER=0.05` as a WtaSpec."""
+    layer, sep, value = text.partition("=")
+    try:
+        if not sep or not layer:
+            raise ValueError
+        fraction = float(value[:-1]) / 100 if value.endswith("%") else float(value)
+    except ValueError:
+        raise CaffeOnnxError(f"--wta expects LAYER=k% (e.g. encode1neuron=5%), got {text!r}") from None
+    if not 0 < fraction <= 1:
+        raise CaffeOnnxError(f"--wta {text!r}: the kept fraction must be in (0%, 100%], got {fraction:g}")
+    return WtaSpec(layer, fraction)
+
+
+def _kept(count: int, fraction: float) -> int:
+    """How many of `count` samples each unit keeps: k% rounded, at least one."""
+    return max(1, min(count, round(count * fraction)))
+
+
+def lifetime_sparsity(x: Tensor, fraction: float) -> Tensor:
+    """FC-WTA: per unit (column), zero all but its k% largest values over the batch (dim 0)."""
+    k = _kept(x.shape[0], fraction)
+    threshold = torch.topk(x.detach(), k, dim=0).values[-1:]
+    return x * (x.detach() >= threshold).to(x.dtype)
+
+
+def spatial_lifetime_sparsity(x: Tensor, fraction: float) -> Tensor:
+    """CONV-WTA: per (sample, map) keep the spatial maximum only, then per map the k% largest of those over the batch."""
+    flat = x.detach().flatten(2)
+    best, where = flat.max(dim=2)  # the winner of each feature map
+    k = _kept(x.shape[0], fraction)
+    threshold = torch.topk(best, k, dim=0).values[-1:]
+    keep = (best >= threshold).to(x.dtype)
+    mask = torch.zeros_like(flat).scatter_(2, where.unsqueeze(2), keep.unsqueeze(2))
+    return x * mask.reshape(x.shape)
+
+
+def winner_take_all(fraction: float) -> Callable[[Tensor], Tensor]:
+    """The WTA transform for a top: FC-WTA for 2-D tops, CONV-WTA for tops with spatial axes."""
+
+    def run(x: Tensor) -> Tensor:
+        if x.dim() == 2:
+            return lifetime_sparsity(x, fraction)
+        if x.dim() >= 3:
+            return spatial_lifetime_sparsity(x, fraction)
+        raise CaffeOnnxError(f"WTA needs a (N, units) or (N, C, H, W) top, got shape {list(x.shape)}")
+
+    return run
+
+
+def apply_wta(module: GraphModule, specs: list[WtaSpec]) -> list[str]:
+    """Install each spec on `module` (training mode only); returns the ONNX values sparsified."""
+    return [module.add_train_transform(spec.layer, winner_take_all(spec.fraction)) for spec in specs]
