@@ -21,6 +21,8 @@ _LAYERS: dict[str, Forward] = {}
 
 
 def layer(*types: str) -> Callable[[Forward], Forward]:
+    """Register a forward function for Caffe layer `types`."""
+
     def decorate(fn: Forward) -> Forward:
         for t in types:
             _LAYERS[t] = fn

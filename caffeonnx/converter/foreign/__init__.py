@@ -23,7 +23,7 @@ __all__ = ["convert_foreign", "supported_ops"]
 def convert_foreign(model: ModelProto, batch: int | None = None, extensions: bool = False) -> CaffeNet:
     """Convert an ONNX model that caffeonnx did not write to a Caffe net and its weights."""
     graph = prepare(model, batch)
-    builder = CaffeBuilder(graph, ForeignOptions(batch=batch, extensions=extensions))
+    builder = CaffeBuilder(graph, ForeignOptions(extensions=extensions))
     for name, shape in graph.inputs:
         builder.add_input(name, shape)
     for node in graph.nodes:

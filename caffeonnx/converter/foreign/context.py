@@ -30,7 +30,6 @@ EXTENSION_LAYERS = frozenset({"Permute", "Clip", "Swish"})
 class ForeignOptions:
     """Options of one foreign ONNX -> Caffe conversion."""
 
-    batch: int | None = None  # fixes a dynamic batch dimension
     extensions: bool = False  # allow layer types/fields newer than BVLC Caffe 1.0
 
 
