@@ -1,29 +1,32 @@
 """Dynamic batching: concurrent requests share one model run.
 
-Requests queue up; the worker takes the first, then keeps taking queued requests
-until `max_batch` rows are gathered or `max_delay` has passed since the first one
-arrived, concatenates them along the batch axis, runs the model once in a worker
-thread (so the event loop keeps accepting requests meanwhile) and hands each
-request its rows of the result.  With batching off every request runs alone,
-through the same queue and thread: the fair baseline for the same server.
+Requests queue up in arrival order; the worker takes the first and every queued
+request that fits, up to `max_batch` rows; if the batch is not full and requests
+are on their way (the server announces each one with `expect` while it reads and
+parses it) it waits for them, at most until `max_delay` after the first request
+arrived (Triton's max queue delay): a lone request never waits; then it concatenates the rows, runs the model once in a worker thread (so the
+event loop keeps accepting requests meanwhile) and hands each request its rows of
+the result.  Requests also pile up while a run is under way, so under load batches
+form even with no delay.  With batching off every request runs alone, through the
+same queue and thread: the fair baseline for the same server.
 """
 from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 
-_STOP = object()  # queued by stop(): everything before it is still served
-
 
 @dataclass
 class _Pending:
     rows: np.ndarray
     future: asyncio.Future[np.ndarray]
+    arrived: float  # loop time
 
 
 class DynamicBatcher:
@@ -44,8 +47,12 @@ class DynamicBatcher:
         self.max_delay = max_delay
         self.batching = batching
         self._on_run = on_run  # (rows, seconds) after each model run
-        self._queue: asyncio.Queue[object] = asyncio.Queue()
-        self._carry: _Pending | None = None
+        self._pending: deque[_Pending] = deque()
+        self._queued_rows = 0
+        self._wake: asyncio.Future[None] | None = None  # resolved when the waiting worker has enough rows
+        self._wake_rows = 1
+        self._filling = False  # the worker waits to fill a batch (not for a first request)
+        self._incoming = 0  # requests announced with expect() and not yet submitted
         self._stopping = False
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="caffeonnx-run")
         self._worker: asyncio.Task[None] | None = None
@@ -56,8 +63,9 @@ class DynamicBatcher:
 
     async def stop(self) -> None:
         """Finish every queued request, then stop the worker and its thread."""
+        self._stopping = True
+        self._notify(force=True)
         if self._worker is not None:
-            await self._queue.put(_STOP)
             await self._worker
             self._worker = None
         self._executor.shutdown(wait=True)
@@ -66,69 +74,85 @@ class DynamicBatcher:
         """The model's output for `rows` (one request), computed in some batch."""
         if self._worker is None or self._stopping:
             raise RuntimeError("the batcher is not running")
-        future: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
-        await self._queue.put(_Pending(rows, future))
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[np.ndarray] = loop.create_future()
+        self._pending.append(_Pending(rows, future, loop.time()))
+        self._queued_rows += len(rows)
+        self._notify()
         return await future
 
-    async def _next(self, timeout: float | None) -> _Pending | None:
-        """The carried-over request, else the next queued one; None on timeout or once stopping."""
-        if self._carry is not None:
-            item, self._carry = self._carry, None
-            return item
-        if self._stopping:
-            return None
-        try:
-            if timeout is None:
-                got = await self._queue.get()
-            elif timeout <= 0:
-                got = self._queue.get_nowait()
-            else:
-                got = await asyncio.wait_for(self._queue.get(), timeout)
-        except (asyncio.QueueEmpty, asyncio.TimeoutError):
-            return None
-        if got is _STOP:
-            self._stopping = True
-            return None
-        return got  # type: ignore[return-value]
+    def expect(self, count: int) -> None:
+        """Announce (+1) a request being received, or withdraw (-1) it once submitted or refused."""
+        self._incoming += count
+        if self._incoming == 0 and self._filling:
+            self._notify(force=True)  # nothing more is coming: run what there is
 
-    async def _gather(self, first: _Pending) -> list[_Pending]:
-        """`first` plus the queued requests that join its batch (up to max_batch rows, within max_delay)."""
-        batch, rows = [first], len(first.rows)
-        deadline = time.monotonic() + self.max_delay
-        while self.batching and rows < self.max_batch:
-            item = await self._next(deadline - time.monotonic())
-            if item is None:
-                break
-            if rows + len(item.rows) > self.max_batch:
-                self._carry = item  # starts the next batch
-                break
+    def _notify(self, force: bool = False) -> None:
+        """Wake the worker if it waits and now has the rows it waits for (or must stop)."""
+        wake = self._wake
+        if wake is not None and not wake.done() and (force or self._queued_rows >= self._wake_rows):
+            wake.set_result(None)
+
+    async def _wait_for_rows(self, rows: int, timeout: float | None) -> None:
+        """Until `rows` rows are queued, `timeout` seconds pass, or stop() is called."""
+        if self._queued_rows >= rows or self._stopping:
+            return
+        loop = asyncio.get_running_loop()
+        self._wake, self._wake_rows, self._filling = loop.create_future(), rows, timeout is not None
+        timer = loop.call_later(timeout, self._notify, True) if timeout is not None else None
+        try:
+            await self._wake
+        finally:
+            self._wake, self._filling = None, False
+            if timer is not None:
+                timer.cancel()
+
+    def _take(self, room: int, batch: list[_Pending]) -> int:
+        """Move queued requests that fit in `room` rows into `batch` (in order); returns the rows taken."""
+        taken = 0
+        while self._pending and (not batch or taken + len(self._pending[0].rows) <= room):
+            item = self._pending.popleft()
+            n = len(item.rows)
+            self._queued_rows -= n
+            taken += n
             batch.append(item)
-            rows += len(item.rows)
-        return batch
+            if not self.batching:
+                break
+        return taken
 
     async def _work(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            first = await self._next(None)
-            if first is None:  # stopping, and nothing carried over
+            await self._wait_for_rows(1, None)
+            if not self._pending:  # stopping, and nothing left
                 break
-            live = [p for p in await self._gather(first) if not p.future.done()]  # a client may have gone
-            if not live:
-                continue
-            inputs = live[0].rows if len(live) == 1 else np.concatenate([p.rows for p in live])
-            start = time.perf_counter()
-            try:
-                outputs = await loop.run_in_executor(self._executor, self._run, inputs)
-            except Exception as exc:  # noqa: BLE001  the model failed: each request of the batch gets the error
-                for p in live:
-                    if not p.future.done():
-                        p.future.set_exception(exc)
-                continue
-            if self._on_run is not None:
-                self._on_run(len(inputs), time.perf_counter() - start)
-            offset = 0
+            batch: list[_Pending] = []
+            rows = self._take(self.max_batch, batch)
+            remaining = batch[0].arrived + self.max_delay - loop.time()
+            more = self._incoming > 0 and not self._pending  # on their way, and room for them
+            if self.batching and rows < self.max_batch and more and remaining > 0:
+                await self._wait_for_rows(self.max_batch - rows, remaining)
+                rows += self._take(self.max_batch - rows, batch)
+            live = [p for p in batch if not p.future.done()]  # a client may have gone away
+            if live:
+                await self._execute(loop, live)
+
+    async def _execute(self, loop: asyncio.AbstractEventLoop, live: list[_Pending]) -> None:
+        """Run the model once on the concatenated requests and hand out the results."""
+        inputs = live[0].rows if len(live) == 1 else np.concatenate([p.rows for p in live])
+        start = time.perf_counter()
+        try:
+            outputs = await loop.run_in_executor(self._executor, self._run, inputs)
+        except Exception as exc:  # noqa: BLE001  the model failed: each request of the batch gets the error
             for p in live:
-                n = len(p.rows)
                 if not p.future.done():
-                    p.future.set_result(outputs[offset:offset + n])
-                offset += n
+                    p.future.set_exception(exc)
+            return
+        if self._on_run is not None:
+            self._on_run(len(inputs), time.perf_counter() - start)
+        offset = 0
+        for p in live:
+            n = len(p.rows)
+            if not p.future.done():
+                p.future.set_result(outputs[offset:offset + n])
+            offset += n

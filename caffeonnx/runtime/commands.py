@@ -100,7 +100,7 @@ def serve(
     name: Annotated[str | None, typer.Option("--name", help="Model name in URLs (default: the file's stem).")] = None,
     max_batch: Annotated[int, typer.Option("--max-batch", help="Most rows per model run and per request.")] = 64,
     max_delay_ms: Annotated[float, typer.Option("--max-delay-ms", help="How long a request waits for others to "
-                                                "batch with.")] = 2.0,
+                                                "batch with.")] = 1.0,
     batching: Annotated[bool, typer.Option("--batching/--no-batching", help="Batch concurrent requests.")] = True,
     device: DeviceOption = "auto",
     threads: ThreadsOption = 0,
@@ -124,9 +124,47 @@ def serve(
     err.print("server stopped", highlight=False)
 
 
+def bench(
+    model: Annotated[Path | None, typer.Argument(help="Encoder .onnx (default: a 784-1000-500-250-30 deep AE "
+                                                 "encoder with seeded weights).")] = None,
+    threads: Annotated[int, typer.Option("--threads", help="Threads per engine and for the server.")] = 1,
+    large_batch: Annotated[int, typer.Option("--large-batch", help="Batch of the throughput test.")] = 4096,
+    concurrency: Annotated[str, typer.Option("--concurrency", help="Server load sweep, comma-separated.")] = "1,8,32",
+    seconds: Annotated[float, typer.Option("--seconds", help="Load time per server point.")] = 3.0,
+    server: Annotated[bool, typer.Option("--server/--no-server", help="Also load-test the server.")] = True,
+    max_batch: Annotated[int, typer.Option("--max-batch", help="The server's max batch.")] = 64,
+    max_delay_ms: Annotated[float, typer.Option("--max-delay-ms", help="The server's batching delay.")] = 1.0,
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="Write the results here (.json, plus a "
+                                                ".md beside it).")] = None,
+) -> None:
+    """ONNX Runtime vs torch eager on one encoder, and the server under load with batching on and off."""
+    import json
+
+    from rich.markdown import Markdown
+
+    from caffeonnx.fileio import write_bytes_atomic
+    from caffeonnx.runtime.bench import render_markdown, run_bench
+
+    try:
+        levels = tuple(int(c) for c in concurrency.split(","))
+    except ValueError:
+        raise CaffeOnnxError(f"--concurrency expects integers like 1,8,32, got {concurrency!r}") from None
+    if threads < 1 or large_batch < 1 or seconds <= 0 or not levels or min(levels) < 1:
+        raise CaffeOnnxError("--threads, --large-batch, --seconds and every --concurrency must be positive")
+    with err.status("benchmarking (engines, then the server)"):
+        result = run_bench(model, threads, large_batch, levels, seconds, server, max_batch, max_delay_ms)
+    report = render_markdown(result)
+    out.print(Markdown(report))
+    if output is not None:
+        write_bytes_atomic(output, (json.dumps(result, indent=1) + "\n").encode())
+        write_bytes_atomic(output.with_suffix(".md"), report.encode())
+        out.print(f"wrote {output} and {output.with_suffix('.md')}", highlight=False)
+
+
 def register(app: typer.Typer) -> None:
     """Add the runtime commands to the `caffeonnx` CLI."""
     app.command("encoder")(encoder)
     app.command("encode")(encode)
     app.command("export-triton")(export_triton)
     app.command("serve")(serve)
+    app.command("bench")(bench)

@@ -53,12 +53,15 @@ class ProtocolError(Exception):
         self.message = message
 
 
+_NAMES = {dt: name for name, dt in DATATYPES.items()}
+
+
 def datatype(dtype: np.dtype) -> str:
     """The v2 datatype name of a numpy dtype (FP32 for float32 ...)."""
-    for name, dt in DATATYPES.items():
-        if dt == dtype:
-            return name
-    raise ValueError(f"no v2 datatype for {dtype}")
+    name = _NAMES.get(np.dtype(dtype).newbyteorder("="))
+    if name is None:
+        raise ValueError(f"no v2 datatype for {dtype}")
+    return name
 
 
 def v2_shape(spec: TensorSpec) -> list[int]:

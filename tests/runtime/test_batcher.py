@@ -47,9 +47,9 @@ def test_concurrent_requests_share_runs_and_get_their_own_rows(seed: int, batchi
         np.testing.assert_array_equal(got, req * 2, err_msg=f"request {k} ({len(req)} rows) got another's rows")
 
 
-def test_a_lone_request_waits_at_most_the_delay() -> None:
+def test_a_lone_request_does_not_wait_for_the_delay() -> None:
     async def one() -> float:
-        batcher = DynamicBatcher(Doubler(), 64, max_delay=0.02)
+        batcher = DynamicBatcher(Doubler(), 64, max_delay=0.5)
         await batcher.start()
         loop = asyncio.get_running_loop()
         start = loop.time()
@@ -59,7 +59,48 @@ def test_a_lone_request_waits_at_most_the_delay() -> None:
         return took
 
     took = asyncio.run(one())
-    assert 0.015 <= took < 1.0, f"a lone request took {took * 1000:.1f} ms with a 20 ms batching delay"
+    assert took < 0.25, f"a lone request took {took * 1000:.0f} ms; nothing was on its way, so it should not wait"
+
+
+@pytest.mark.parametrize("arrives_after, runs", [(0.01, [2]), (0.3, [1, 1])])
+def test_a_batch_waits_for_announced_requests_up_to_the_delay(arrives_after: float, runs: list[int]) -> None:
+    model = Doubler()
+
+    async def scenario() -> None:
+        batcher = DynamicBatcher(model, 64, max_delay=0.1)
+        await batcher.start()
+        batcher.expect(1)  # the server is reading a second request
+
+        async def late() -> np.ndarray:
+            await asyncio.sleep(arrives_after)
+            batcher.expect(-1)
+            return await batcher.submit(np.full((1, 1), 2.0, np.float32))
+
+        first, second = await asyncio.gather(batcher.submit(np.ones((1, 1), np.float32)), late())
+        assert (float(first[0, 0]), float(second[0, 0])) == (2.0, 4.0)
+        await batcher.stop()
+
+    asyncio.run(scenario())
+    assert model.runs == runs, f"runs {model.runs}: a request {arrives_after * 1000:.0f} ms late with a 100 ms delay"
+
+
+def test_a_withdrawn_announcement_ends_the_wait() -> None:
+    model = Doubler()
+
+    async def scenario() -> float:
+        batcher = DynamicBatcher(model, 64, max_delay=5.0)
+        await batcher.start()
+        batcher.expect(1)
+        loop = asyncio.get_running_loop()
+        loop.call_later(0.02, batcher.expect, -1)  # that request was refused (a 400): nothing more comes
+        start = loop.time()
+        await batcher.submit(np.ones((1, 1), np.float32))
+        took = loop.time() - start
+        await batcher.stop()
+        return took
+
+    took = asyncio.run(scenario())
+    assert took < 1.0 and model.runs == [1], f"waited {took:.2f} s after the announced request was withdrawn"
 
 
 def test_model_errors_reach_every_request_of_the_batch() -> None:

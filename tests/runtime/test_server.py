@@ -18,6 +18,7 @@ import pytest
 import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
+from caffeonnx.runtime.loadgen import infer_request_bytes
 from tests.helpers import assert_close, rng
 
 MODEL = "deep"
@@ -185,25 +186,44 @@ def test_concurrent_clients_get_their_own_codes_and_metrics_count_them(
     assert "caffeonnx_infer_request_seconds_bucket" in after
 
 
-def test_no_batching_mode_serves_the_same_codes(deep_encoder_path: Path, deep_blobs: dict) -> None:
-    with running_server(deep_encoder_path, "--no-batching") as (port, _):
-        c = triton.InferenceServerClient(f"127.0.0.1:{port}")
-        assert_close(_infer(c, deep_blobs["data"][:4], True), deep_blobs["encode4"][:4], "encode4 (no batching)")
-        c.close()
-
-
 def test_sigterm_finishes_the_request_in_flight_then_exits_0(deep_encoder_path: Path, deep_blobs: dict) -> None:
-    # a lone request waits up to 1 s for company in the batcher: SIGTERM arrives while it waits
-    with running_server(deep_encoder_path, "--max-delay-ms", "1000") as (port, proc), ThreadPoolExecutor(1) as pool:
-        c = triton.InferenceServerClient(f"127.0.0.1:{port}", network_timeout=30)
-        pending = pool.submit(_infer, c, deep_blobs["data"][:4], True)
+    # --no-batching: the same codes come back when every request runs alone
+    with running_server(deep_encoder_path, "--no-batching") as (port, proc), \
+            socket.create_connection(("127.0.0.1", port)) as sock:
+        request = infer_request_bytes("127.0.0.1", port, MODEL, "data", "encode4", deep_blobs["data"][:4])
+        sock.sendall(request[:len(request) // 2])  # the request is in flight when SIGTERM arrives
         time.sleep(0.3)
-        assert not pending.done(), "the request should still be waiting in the batcher"
         proc.send_signal(signal.SIGTERM)
-        assert_close(pending.result(timeout=20), deep_blobs["encode4"][:4], "encode4 answered during shutdown")
-        c.close()
+        time.sleep(0.3)
+        sock.sendall(request[len(request) // 2:])
+        reply = b""
+        while b"\r\n\r\n" not in reply or len(reply) < reply.index(b"\r\n\r\n") + 4 + _content_length(reply):
+            chunk = sock.recv(65536)
+            assert chunk, f"connection closed before the whole reply came: {reply!r}"
+            reply += chunk
+        sock.close()  # uvicorn lets idle keep-alive connections finish before it exits
         output, _ = proc.communicate(timeout=20)
+    head, body = reply.split(b"\r\n\r\n", 1)
+    assert head.startswith(b"HTTP/1.1 200"), head
+    json_len = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                        if line.lower().startswith(b"inference-header-content-length")))
+    codes = np.frombuffer(body[json_len:], dtype=np.float32).reshape(4, 8)
+    assert_close(codes, deep_blobs["encode4"][:4], "encode4 answered during shutdown")
     assert proc.returncode == 0, output
-    assert "server stopped" in output
+    assert "no batching" in output and "server stopped" in output
     with pytest.raises(OSError), socket.create_connection(("127.0.0.1", port), timeout=2):
         pass
+
+
+def _content_length(reply: bytes) -> int:
+    head = reply.split(b"\r\n\r\n", 1)[0]
+    return next((int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")), 0)
+
+
+def test_load_generator_measures_the_running_server(server: int, deep_blobs: dict) -> None:
+    from caffeonnx.runtime.loadgen import run_load
+
+    request = infer_request_bytes("127.0.0.1", server, MODEL, "data", "encode4", deep_blobs["data"][:1])
+    load = run_load("127.0.0.1", server, request, concurrency=4, seconds=0.3, warmup=0.1)
+    assert load.errors == 0 and load.requests > 0 and len(load.latencies) == load.requests
+    assert load.rate == pytest.approx(load.requests / 0.3)

@@ -1,0 +1,29 @@
+"""Record the runtime benchmark on this machine: benchmarks/results/runtime_cpu.{json,md}.
+
+Usage: python benchmarks/runtime_bench.py [--threads N] [--seconds S]
+Runs `caffeonnx bench` (ORT vs torch eager on the 784-1000-500-250-30 encoder, then
+the server at concurrency 1, 8 and 32 with batching on and off) in one run.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from caffeonnx.runtime.commands import bench
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def main() -> None:
+    """Run the benchmark and write its JSON and Markdown reports."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--seconds", type=float, default=6.0)
+    parser.add_argument("--name", default="runtime_cpu", help="file name (without suffix) under results/")
+    args = parser.parse_args()
+    bench(model=None, threads=args.threads, large_batch=4096, concurrency="1,8,32", seconds=args.seconds, server=True,
+          max_batch=64, max_delay_ms=1.0, output=RESULTS / f"{args.name}.json")
+
+
+if __name__ == "__main__":
+    main()

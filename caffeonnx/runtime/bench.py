@@ -1,0 +1,303 @@
+"""`caffeonnx bench`: ONNX Runtime vs torch eager on one encoder, and the server under load.
+
+Engines: the same encoder (same weights) run by EncoderSession and by TorchEncoder
+with the same number of threads; batch-1 latency p50/p99 over many single calls
+(numpy in, numpy out, as a caller sees it) and large-batch throughput from the
+median time of one large batch.  Rounds alternate the two engines so that noise
+from other processes falls on both alike.
+
+Server: `caffeonnx serve` in its own process, batching on and off, under
+closed-loop load (loadgen.py) at each concurrency: requests/s and latency p50/p99.
+"""
+from __future__ import annotations
+
+import http.client
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+from onnx import ModelProto
+
+from caffeonnx.errors import CaffeOnnxError
+from caffeonnx.runtime.encoder import extract_encoder, load_model, save_model
+from caffeonnx.runtime.loadgen import LoadResult, infer_request_bytes, run_load
+from caffeonnx.runtime.session import EncoderSession, SessionConfig
+from caffeonnx.runtime.torch_encoder import TorchEncoder
+
+TARGETS = {"throughput_ratio_min": 1.0, "latency_ratio_max": 0.5, "batching_speedup_min": 3.0}
+DEEP_AE_SIZES = (784, 1000, 500, 250, 30)  # the MNIST deep autoencoder of Hinton & Salakhutdinov (2006)
+
+
+def deep_ae_prototxt(sizes: Sequence[int] = DEEP_AE_SIZES) -> str:
+    """A tied deep autoencoder prototxt: sigmoid encoder layers, linear code, transposed decoder."""
+    layers = [f'layer {{ name: "data" type: "Input" top: "data" input_param {{ shape {{ dim: 1 dim: {sizes[0]} }} }} }}']
+    bottom = "data"
+    for k, n in enumerate(sizes[1:], 1):
+        layers.append(f'layer {{ name: "encode{k}" type: "InnerProduct" bottom: "{bottom}" top: "encode{k}" '
+                      f'param {{ name: "w{k}" }} inner_product_param {{ num_output: {n} '
+                      f'weight_filler {{ type: "gaussian" std: 0.05 }} bias_filler {{ type: "gaussian" std: 0.1 }} }} }}')
+        bottom = f"encode{k}"
+        if k < len(sizes) - 1:
+            layers.append(f'layer {{ name: "encode{k}neuron" type: "Sigmoid" bottom: "{bottom}" top: "encode{k}neuron" }}')
+            bottom = f"encode{k}neuron"
+    for k in range(len(sizes) - 1, 0, -1):
+        layers.append(f'layer {{ name: "decode{k}" type: "InnerProduct" bottom: "{bottom}" top: "decode{k}" '
+                      f'param {{ name: "w{k}" }} inner_product_param {{ num_output: {sizes[k - 1]} transpose: true }} }}')
+        layers.append(f'layer {{ name: "decode{k}neuron" type: "Sigmoid" bottom: "decode{k}" top: "decode{k}neuron" }}')
+        bottom = f"decode{k}neuron"
+    return f'name: "deep_ae_{"_".join(map(str, sizes))}"\n' + "\n".join(layers) + "\n"
+
+
+def deep_ae_encoder(seed: int = 0, sizes: Sequence[int] = DEEP_AE_SIZES) -> ModelProto:
+    """The encoder of `deep_ae_prototxt`, weights from its fillers (seeded), batch dimension dynamic."""
+    from caffeonnx.converter.caffe_io import parse_prototxt
+    from caffeonnx.converter.caffe_to_onnx import convert_net
+    from caffeonnx.converter.context import ConvertOptions
+    from caffeonnx.converter.upgrade import upgrade_net
+
+    net = upgrade_net(parse_prototxt(deep_ae_prototxt(sizes), "<bench>"), "<bench>")
+    return extract_encoder(convert_net(net, None, ConvertOptions(seed=seed), source="<bench>").to_proto())[0]
+
+
+@dataclass
+class EngineResult:
+    """One engine's numbers: batch-1 latency and large-batch throughput."""
+
+    engine: str
+    latency_p50_us: float
+    latency_p99_us: float
+    throughput: float  # samples per second at the large batch
+
+
+def _timed(call: Callable[[], object], count: int) -> np.ndarray:
+    """Seconds taken by each of `count` calls."""
+    times = np.empty(count)
+    for k in range(count):
+        start = time.perf_counter()
+        call()
+        times[k] = time.perf_counter() - start
+    return times
+
+
+def _measure_engines(model: ModelProto, threads: int, large_batch: int, calls: int, large_calls: int, rounds: int,
+                     seed: int) -> tuple[dict[str, list[np.ndarray]], dict[str, list[np.ndarray]]]:
+    """Per-call seconds of each engine: batch-1 calls and large-batch calls, alternating in rounds."""
+    session = EncoderSession(model, SessionConfig(device="cpu", intra_threads=threads, warmup=(1, large_batch)))
+    net = TorchEncoder(model).eval()
+    g = np.random.default_rng(seed)
+    one = g.random((1, *session.input.sample_shape), dtype=np.float32)
+    big = g.random((large_batch, *session.input.sample_shape), dtype=np.float32)
+
+    def torch_run(x: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return net(torch.from_numpy(x)).numpy()
+
+    want = session.run(big[:64])
+    got = torch_run(big[:64])
+    if not np.allclose(got, want, atol=1e-4, rtol=1e-3):
+        raise RuntimeError(f"torch and onnxruntime disagree: max |diff| {np.abs(got - want).max():.3g}")
+    engines = {"onnxruntime": session.run, "torch eager": torch_run}
+    small: dict[str, list[np.ndarray]] = {k: [] for k in engines}
+    large: dict[str, list[np.ndarray]] = {k: [] for k in engines}
+    for run in engines.values():  # warm-up
+        _timed(partial(run, one), 200)
+        _timed(partial(run, big), 2)
+    for _ in range(rounds):
+        for name, run in engines.items():
+            small[name].append(_timed(partial(run, one), calls // rounds))
+            large[name].append(_timed(partial(run, big), max(1, large_calls // rounds)))
+    return small, large
+
+
+def bench_engines(model: ModelProto, threads: int = 1, large_batch: int = 4096, calls: int = 2000,
+                  large_calls: int = 20, rounds: int = 3, seed: int = 0) -> list[EngineResult]:
+    """EncoderSession (onnxruntime CPU) and TorchEncoder (torch eager) on the same inputs and threads."""
+    torch_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        small, large = _measure_engines(model, threads, large_batch, calls, large_calls, rounds, seed)
+    finally:
+        torch.set_num_threads(torch_threads)
+    results = []
+    for name in small:
+        lat = np.concatenate(small[name]) * 1e6
+        per_batch = float(np.median(np.concatenate(large[name])))
+        results.append(EngineResult(name, float(np.percentile(lat, 50)), float(np.percentile(lat, 99)),
+                                    large_batch / per_batch))
+    return results
+
+
+@dataclass
+class ServerResult:
+    """Requests/s and latency of the server at one concurrency, batching on or off."""
+
+    batching: bool
+    concurrency: int
+    requests_per_s: float
+    p50_ms: float
+    p99_ms: float
+    errors: int
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def _server(model_path: Path, args: Sequence[str]) -> Iterator[int]:
+    """`caffeonnx serve` in a child process; yields its port once ready, SIGTERMs it afterwards."""
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "caffeonnx.cli", "serve", str(model_path), "--port", str(port),
+                             "--name", "enc", "--device", "cpu", *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise CaffeOnnxError(f"the benchmark server did not start: {proc.communicate(timeout=5)[1]}")
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+                conn.request("GET", "/v2/health/ready")
+                if conn.getresponse().status == 200:
+                    break
+            except OSError:
+                time.sleep(0.1)
+        yield port
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def bench_server(model_path: Path, concurrencies: Sequence[int] = (1, 8, 32), seconds: float = 3.0,
+                 threads: int = 1, max_batch: int = 64, max_delay_ms: float = 1.0, rounds: int = 3,
+                 seed: int = 0) -> list[ServerResult]:
+    """Two servers, batching on and off, under closed-loop load of batch-1 binary requests.
+
+    Both run at once but are loaded in turn, in `rounds` short windows per concurrency, so that a change in
+    the machine's background load hits both alike; req/s is the median over the windows, latency percentiles
+    pool every request.
+    """
+    session = EncoderSession(model_path, SessionConfig(device="cpu", warmup=()))
+    x = np.random.default_rng(seed).random((1, *session.input.sample_shape), dtype=np.float32)
+    common = ["--threads", str(threads), "--max-batch", str(max_batch), "--max-delay-ms", str(max_delay_ms)]
+    with _server(model_path, [*common, "--batching"]) as on, _server(model_path, [*common, "--no-batching"]) as off:
+        ports = {True: on, False: off}
+        requests = {b: infer_request_bytes("127.0.0.1", p, "enc", session.input.name, session.output.name, x)
+                    for b, p in ports.items()}
+        windows: dict[tuple[bool, int], list[LoadResult]] = {(b, c): [] for b in ports for c in concurrencies}
+        for c in concurrencies:
+            for _ in range(rounds):
+                for batching, port in ports.items():
+                    windows[batching, c].append(run_load("127.0.0.1", port, requests[batching], c, seconds / rounds,
+                                                         warmup=0.3))
+    results = []
+    for (batching, c), loads in windows.items():
+        latencies = np.concatenate([w.latencies for w in loads]) * 1000
+        results.append(ServerResult(batching, c, float(np.median([w.rate for w in loads])),
+                                    float(np.percentile(latencies, 50)), float(np.percentile(latencies, 99)),
+                                    sum(w.errors for w in loads)))
+    return results
+
+
+def machine() -> dict[str, object]:
+    """Where the numbers were taken."""
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return {"cpu": cpu, "cpus_visible": os.cpu_count(), "python": platform.python_version(),
+            "onnxruntime": ort.__version__, "torch": torch.__version__,
+            "load_average_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
+
+
+def run_bench(model_path: Path | None = None, threads: int = 1, large_batch: int = 4096,
+              concurrencies: Sequence[int] = (1, 8, 32), seconds: float = 3.0, server: bool = True,
+              max_batch: int = 64, max_delay_ms: float = 1.0, seed: int = 0) -> dict:
+    """The whole benchmark in one run, with the ratios the issue's targets are about."""
+    with tempfile.TemporaryDirectory() as tmp:
+        if model_path is None:
+            model = deep_ae_encoder(seed)
+            model_path = Path(tmp) / "encoder.onnx"
+            save_model(model, model_path)
+            described = "784-1000-500-250-30 tied deep autoencoder (encoder, seeded filler weights)"
+        else:
+            model = load_model(model_path)
+            described = str(model_path)
+        engines = bench_engines(model, threads, large_batch, seed=seed)
+        served = bench_server(model_path, concurrencies, seconds, threads, max_batch, max_delay_ms, seed) \
+            if server else []
+    by = {e.engine: e for e in engines}
+    ratios: dict[str, float] = {
+        "throughput_ratio": by["onnxruntime"].throughput / by["torch eager"].throughput,
+        "latency_ratio": by["onnxruntime"].latency_p50_us / by["torch eager"].latency_p50_us,
+    }
+    top = max(concurrencies) if served else None
+    if served:
+        on = next(r for r in served if r.batching and r.concurrency == top)
+        off = next(r for r in served if not r.batching and r.concurrency == top)
+        ratios["batching_speedup"] = on.requests_per_s / off.requests_per_s
+    passed = {
+        "throughput_ratio": ratios["throughput_ratio"] >= TARGETS["throughput_ratio_min"],
+        "latency_ratio": ratios["latency_ratio"] <= TARGETS["latency_ratio_max"],
+    }
+    if "batching_speedup" in ratios:
+        passed["batching_speedup"] = ratios["batching_speedup"] >= TARGETS["batching_speedup_min"]
+    return {
+        "model": described, "threads": threads, "large_batch": large_batch, "server_seconds": seconds,
+        "server_max_batch": max_batch, "server_max_delay_ms": max_delay_ms, "machine": machine(),
+        "engines": [asdict(e) for e in engines], "server": [asdict(s) for s in served],
+        "ratios": ratios, "targets": TARGETS, "passed": passed, "top_concurrency": top,
+        "when": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
+
+
+def render_markdown(result: dict) -> str:
+    """The benchmark result as a Markdown report."""
+    m, r, t, p = result["machine"], result["ratios"], result["targets"], result["passed"]
+    setup = (f"Model: {result['model']}. CPU: {m['cpu']} ({m['cpus_visible']} visible, 1-min load average "
+             f"{m['load_average_1m']}); onnxruntime {m['onnxruntime']}, torch {m['torch']}, Python {m['python']}; "
+             f"{result['threads']} thread(s) per engine and for the server.")
+    lines = [f"# Runtime benchmark ({result['when']})", "", setup, "",
+             f"## Engines (batch-1 latency, batch-{result['large_batch']} throughput)", "",
+             "| engine | p50 µs | p99 µs | samples/s |", "|---|---:|---:|---:|"]
+    for e in result["engines"]:
+        lines.append(f"| {e['engine']} | {e['latency_p50_us']:.1f} | {e['latency_p99_us']:.1f} | "
+                     f"{e['throughput']:,.0f} |")
+    if result["server"]:
+        title = (f"## Server (batch-1 binary requests, {result['server_seconds']:g} s per point, max batch "
+                 f"{result['server_max_batch']}, max delay {result['server_max_delay_ms']:g} ms)")
+        lines += ["", title, "", "| batching | concurrency | req/s | p50 ms | p99 ms | errors |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        for s in result["server"]:
+            lines.append(f"| {'on' if s['batching'] else 'off'} | {s['concurrency']} | {s['requests_per_s']:,.0f} | "
+                         f"{s['p50_ms']:.2f} | {s['p99_ms']:.2f} | {s['errors']} |")
+    rows = [("ORT / torch large-batch throughput", "throughput_ratio", f">= {t['throughput_ratio_min']}"),
+            ("ORT / torch batch-1 p50 latency", "latency_ratio", f"<= {t['latency_ratio_max']}")]
+    if "batching_speedup" in r:
+        rows.append((f"server req/s, batching on / off, concurrency {result['top_concurrency']}", "batching_speedup",
+                     f">= {t['batching_speedup_min']}"))
+    lines += ["", "## Ratios vs targets", "", "| ratio | value | target | met |", "|---|---:|---|---|"]
+    lines += [f"| {label} | {r[key]:.2f} | {target} | {'yes' if p[key] else 'NO'} |" for label, key, target in rows]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,69 @@
+"""The benchmark's parts: the torch baseline computes the same codes, the reports say what was measured."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from caffeonnx.cli import app
+from caffeonnx.errors import UnsupportedError
+from caffeonnx.runtime.bench import deep_ae_encoder, render_markdown, run_bench
+from caffeonnx.runtime.session import EncoderSession, SessionConfig
+from caffeonnx.runtime.torch_encoder import TorchEncoder
+from tests.helpers import assert_close, rng
+
+
+def test_torch_baseline_returns_caffes_codes(deep_encoder_path: Path, deep_blobs: dict) -> None:
+    net = TorchEncoder(onnx.load(str(deep_encoder_path))).eval()
+    with torch.inference_mode():
+        got = net(torch.from_numpy(deep_blobs["data"])).numpy()
+    assert_close(got, deep_blobs["encode4"], "encode4 (torch eager)")
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_bench_encoder_is_the_784_1000_500_250_30_net_and_engines_agree(seed: int) -> None:
+    model = deep_ae_encoder(seed)
+    inits = {t.name: list(t.dims) for t in model.graph.initializer}
+    assert inits == {"w1": [1000, 784], "encode1.bias": [1000], "w2": [500, 1000], "encode2.bias": [500],
+                     "w3": [250, 500], "encode3.bias": [250], "w4": [30, 250], "encode4.bias": [30]}
+    x = rng(seed).random((5, 784), dtype=np.float32)
+    ort_codes = EncoderSession(model, SessionConfig(device="cpu")).run(x)
+    with torch.inference_mode():
+        torch_codes = TorchEncoder(model)(torch.from_numpy(x)).numpy()
+    assert ort_codes.shape == (5, 30)
+    assert_close(torch_codes, ort_codes, "encode4 torch vs onnxruntime", atol=1e-4, rtol=1e-3)
+
+
+def test_torch_baseline_refuses_ops_it_does_not_cover() -> None:
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 4, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [onnx.numpy_helper.from_array(np.ones((1, 1, 3, 3), np.float32), "w")])
+    with pytest.raises(UnsupportedError, match=r"not 'Conv'"):
+        TorchEncoder(helper.make_model(graph, ir_version=9))
+
+
+def test_engine_bench_reports_ratios_and_markdown(deep_encoder_path: Path) -> None:
+    result = run_bench(deep_encoder_path, threads=1, large_batch=256, server=False)
+    assert [e["engine"] for e in result["engines"]] == ["onnxruntime", "torch eager"]
+    for e in result["engines"]:
+        assert 0 < e["latency_p50_us"] <= e["latency_p99_us"] and e["throughput"] > 0, e
+    by = {e["engine"]: e for e in result["engines"]}
+    assert result["ratios"]["latency_ratio"] == pytest.approx(
+        by["onnxruntime"]["latency_p50_us"] / by["torch eager"]["latency_p50_us"])
+    assert set(result["passed"]) == {"throughput_ratio", "latency_ratio"}
+    report = render_markdown(result)
+    assert "| onnxruntime |" in report and "| ORT / torch batch-1 p50 latency |" in report
+
+
+def test_cli_bench_writes_json_and_markdown(deep_encoder_path: Path, tmp_path: Path) -> None:
+    res = CliRunner().invoke(app, ["bench", str(deep_encoder_path), "--no-server", "--large-batch", "128",
+                                   "-o", str(tmp_path / "r.json")])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "r.json").exists() and "Ratios vs targets" in (tmp_path / "r.md").read_text()
