@@ -1,14 +1,20 @@
-"""The README's supported-layer table is the one generated from the registry."""
+"""The README's support tables are the ones generated from the registries."""
 from __future__ import annotations
 
 from pathlib import Path
 
-from caffeonnx.converter.docs import BEGIN, END, supported_layers_markdown
+from caffeonnx.converter.docs import SECTIONS, markers, render
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
 
-def test_readme_layer_table_is_current() -> None:
+def test_readme_has_every_generated_section() -> None:
     text = README.read_text()
-    start, end = text.index(BEGIN), text.index(END) + len(END)
-    assert text[start:end] == supported_layers_markdown(), "run: caffeonnx layers --markdown and paste it into README.md"
+    for name in SECTIONS:
+        begin, end = markers(name)
+        assert begin in text and end in text, f"README lacks the {name} section markers"
+
+
+def test_readme_tables_are_current() -> None:
+    text = README.read_text()
+    assert render(text) == text, "run: python scripts/update_docs.py"
