@@ -39,6 +39,8 @@ from caffeonnx.runtime.torch_encoder import TorchEncoder
 
 TARGETS = {"throughput_ratio_min": 1.0, "latency_ratio_max": 0.5, "batching_speedup_min": 3.0}
 DEEP_AE_SIZES = (784, 1000, 500, 250, 30)  # the MNIST deep autoencoder of Hinton & Salakhutdinov (2006)
+SMALL_AND_LARGE = ((784, 128, 64, 32, 8), DEEP_AE_SIZES)  # deep_tied_ae's shape, then the large one
+SERVER_ROUNDS = 3  # alternating measurement windows per server point
 
 
 def deep_ae_prototxt(sizes: Sequence[int] = DEEP_AE_SIZES) -> str:
@@ -188,7 +190,7 @@ def _server(model_path: Path, args: Sequence[str]) -> Iterator[int]:
 
 
 def bench_server(model_path: Path, concurrencies: Sequence[int] = (1, 8, 32), seconds: float = 3.0,
-                 threads: int = 1, max_batch: int = 64, max_delay_ms: float = 1.0, rounds: int = 3,
+                 threads: int = 1, max_batch: int = 64, max_delay_ms: float = 1.0, *, rounds: int = SERVER_ROUNDS,
                  seed: int = 0) -> list[ServerResult]:
     """Two servers, batching on and off, under closed-loop load of batch-1 binary requests.
 
@@ -196,6 +198,8 @@ def bench_server(model_path: Path, concurrencies: Sequence[int] = (1, 8, 32), se
     the machine's background load hits both alike; req/s is the median over the windows, latency percentiles
     pool every request.
     """
+    if rounds < 1:
+        raise CaffeOnnxError(f"rounds must be positive, got {rounds}")
     session = EncoderSession(model_path, SessionConfig(device="cpu", warmup=()))
     x = np.random.default_rng(seed).random((1, *session.input.sample_shape), dtype=np.float32)
     common = ["--threads", str(threads), "--max-batch", str(max_batch), "--max-delay-ms", str(max_delay_ms)]
@@ -232,72 +236,85 @@ def machine() -> dict[str, object]:
             "load_average_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
 
 
+def _engine_summary(label: str, engines: list[EngineResult]) -> dict:
+    """One model's engine numbers, ratios and whether the targets are met."""
+    by = {e.engine: e for e in engines}
+    throughput = by["onnxruntime"].throughput / by["torch eager"].throughput
+    latency = by["onnxruntime"].latency_p50_us / by["torch eager"].latency_p50_us
+    return {"model": label, "engines": [asdict(e) for e in engines],
+            "throughput_ratio": throughput, "latency_ratio": latency,
+            "passed": {"throughput_ratio": throughput >= TARGETS["throughput_ratio_min"],
+                       "latency_ratio": latency <= TARGETS["latency_ratio_max"]}}
+
+
 def run_bench(model_path: Path | None = None, threads: int = 1, large_batch: int = 4096,
               concurrencies: Sequence[int] = (1, 8, 32), seconds: float = 3.0, server: bool = True,
               max_batch: int = 64, max_delay_ms: float = 1.0, seed: int = 0) -> dict:
-    """The whole benchmark in one run, with the ratios the issue's targets are about."""
+    """The whole benchmark in one run, with the ratios the issue's targets are about.
+
+    Without `model_path` the engines run two encoders with seeded weights, the deep_tied_ae shape
+    (784-128-64-32-8: per-call overhead dominates) and the MNIST deep autoencoder (784-1000-500-250-30:
+    5.6 MB of weights, memory-bound at batch 1); the server runs the larger one.
+    """
     with tempfile.TemporaryDirectory() as tmp:
         if model_path is None:
-            model = deep_ae_encoder(seed)
-            model_path = Path(tmp) / "encoder.onnx"
-            save_model(model, model_path)
-            described = "784-1000-500-250-30 tied deep autoencoder (encoder, seeded filler weights)"
+            models = {"-".join(map(str, sizes)): deep_ae_encoder(seed, sizes) for sizes in SMALL_AND_LARGE}
+            label = "-".join(map(str, SMALL_AND_LARGE[-1]))
+            server_path = Path(tmp) / "encoder.onnx"
+            save_model(models[label], server_path)
         else:
-            model = load_model(model_path)
-            described = str(model_path)
-        engines = bench_engines(model, threads, large_batch, seed=seed)
-        served = bench_server(model_path, concurrencies, seconds, threads, max_batch, max_delay_ms, seed) \
+            label = str(model_path)
+            models, server_path = {label: load_model(model_path)}, model_path
+        summaries = [_engine_summary(name, bench_engines(m, threads, large_batch, seed=seed))
+                     for name, m in models.items()]
+        served = bench_server(server_path, concurrencies, seconds, threads, max_batch, max_delay_ms, seed=seed) \
             if server else []
-    by = {e.engine: e for e in engines}
-    ratios: dict[str, float] = {
-        "throughput_ratio": by["onnxruntime"].throughput / by["torch eager"].throughput,
-        "latency_ratio": by["onnxruntime"].latency_p50_us / by["torch eager"].latency_p50_us,
+    result: dict = {
+        "models": summaries, "threads": threads, "large_batch": large_batch, "machine": machine(),
+        "targets": TARGETS, "when": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "server": None,
     }
-    top = max(concurrencies) if served else None
     if served:
+        top = max(concurrencies)
         on = next(r for r in served if r.batching and r.concurrency == top)
         off = next(r for r in served if not r.batching and r.concurrency == top)
-        ratios["batching_speedup"] = on.requests_per_s / off.requests_per_s
-    passed = {
-        "throughput_ratio": ratios["throughput_ratio"] >= TARGETS["throughput_ratio_min"],
-        "latency_ratio": ratios["latency_ratio"] <= TARGETS["latency_ratio_max"],
-    }
-    if "batching_speedup" in ratios:
-        passed["batching_speedup"] = ratios["batching_speedup"] >= TARGETS["batching_speedup_min"]
-    return {
-        "model": described, "threads": threads, "large_batch": large_batch, "server_seconds": seconds,
-        "server_max_batch": max_batch, "server_max_delay_ms": max_delay_ms, "machine": machine(),
-        "engines": [asdict(e) for e in engines], "server": [asdict(s) for s in served],
-        "ratios": ratios, "targets": TARGETS, "passed": passed, "top_concurrency": top,
-        "when": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-    }
+        speedup = on.requests_per_s / off.requests_per_s
+        result["server"] = {"model": label, "seconds": seconds, "max_batch": max_batch, "max_delay_ms": max_delay_ms,
+                            "points": [asdict(r) for r in served], "top_concurrency": top,
+                            "batching_speedup": speedup,
+                            "passed": speedup >= TARGETS["batching_speedup_min"]}
+    return result
 
 
 def render_markdown(result: dict) -> str:
     """The benchmark result as a Markdown report."""
-    m, r, t, p = result["machine"], result["ratios"], result["targets"], result["passed"]
-    setup = (f"Model: {result['model']}. CPU: {m['cpu']} ({m['cpus_visible']} visible, 1-min load average "
-             f"{m['load_average_1m']}); onnxruntime {m['onnxruntime']}, torch {m['torch']}, Python {m['python']}; "
-             f"{result['threads']} thread(s) per engine and for the server.")
+    m, t = result["machine"], result["targets"]
+    setup = (f"CPU: {m['cpu']} ({m['cpus_visible']} visible, shared; 1-min load average {m['load_average_1m']:.2f} "
+             f"at the end); onnxruntime {m['onnxruntime']}, torch {m['torch']}, Python {m['python']}; "
+             f"{result['threads']} thread(s) per engine and for the server. Encoders: tied deep autoencoders, "
+             "sigmoid hidden layers, linear code, seeded filler weights.")
     lines = [f"# Runtime benchmark ({result['when']})", "", setup, "",
              f"## Engines (batch-1 latency, batch-{result['large_batch']} throughput)", "",
-             "| engine | p50 µs | p99 µs | samples/s |", "|---|---:|---:|---:|"]
-    for e in result["engines"]:
-        lines.append(f"| {e['engine']} | {e['latency_p50_us']:.1f} | {e['latency_p99_us']:.1f} | "
-                     f"{e['throughput']:,.0f} |")
-    if result["server"]:
-        title = (f"## Server (batch-1 binary requests, {result['server_seconds']:g} s per point, max batch "
-                 f"{result['server_max_batch']}, max delay {result['server_max_delay_ms']:g} ms)")
-        lines += ["", title, "", "| batching | concurrency | req/s | p50 ms | p99 ms | errors |",
-                  "|---|---:|---:|---:|---:|---:|"]
-        for s in result["server"]:
-            lines.append(f"| {'on' if s['batching'] else 'off'} | {s['concurrency']} | {s['requests_per_s']:,.0f} | "
-                         f"{s['p50_ms']:.2f} | {s['p99_ms']:.2f} | {s['errors']} |")
-    rows = [("ORT / torch large-batch throughput", "throughput_ratio", f">= {t['throughput_ratio_min']}"),
-            ("ORT / torch batch-1 p50 latency", "latency_ratio", f"<= {t['latency_ratio_max']}")]
-    if "batching_speedup" in r:
-        rows.append((f"server req/s, batching on / off, concurrency {result['top_concurrency']}", "batching_speedup",
-                     f">= {t['batching_speedup_min']}"))
+             "| encoder | engine | p50 µs | p99 µs | samples/s |", "|---|---|---:|---:|---:|"]
+    for s in result["models"]:
+        for e in s["engines"]:
+            lines.append(f"| {s['model']} | {e['engine']} | {e['latency_p50_us']:.1f} | {e['latency_p99_us']:.1f} | "
+                         f"{e['throughput']:,.0f} |")
+    srv = result["server"]
+    if srv:
+        title = (f"## Server ({srv['model']}; batch-1 binary requests; {srv['seconds']:g} s per point in {SERVER_ROUNDS} "
+                 f"alternating windows; max batch {srv['max_batch']}, max delay {srv['max_delay_ms']:g} ms)")
+        lines += ["", title, "", "| batching | concurrency | req/s | p50 ms | p99 ms | errors |", "|---|---:|---:|---:|---:|---:|"]
+        for p in srv["points"]:
+            lines.append(f"| {'on' if p['batching'] else 'off'} | {p['concurrency']} | {p['requests_per_s']:,.0f} | "
+                         f"{p['p50_ms']:.2f} | {p['p99_ms']:.2f} | {p['errors']} |")
     lines += ["", "## Ratios vs targets", "", "| ratio | value | target | met |", "|---|---:|---|---|"]
-    lines += [f"| {label} | {r[key]:.2f} | {target} | {'yes' if p[key] else 'NO'} |" for label, key, target in rows]
+    for s in result["models"]:
+        lines.append(f"| {s['model']}: ORT / torch large-batch throughput | {s['throughput_ratio']:.2f} | "
+                     f">= {t['throughput_ratio_min']} | {'yes' if s['passed']['throughput_ratio'] else 'NO'} |")
+        lines.append(f"| {s['model']}: ORT / torch batch-1 p50 latency | {s['latency_ratio']:.2f} | "
+                     f"<= {t['latency_ratio_max']} | {'yes' if s['passed']['latency_ratio'] else 'NO'} |")
+    if srv:
+        lines.append(f"| server req/s, batching on / off, concurrency {srv['top_concurrency']} | "
+                     f"{srv['batching_speedup']:.2f} | >= {t['batching_speedup_min']} | "
+                     f"{'yes' if srv['passed'] else 'NO'} |")
     return "\n".join(lines) + "\n"
