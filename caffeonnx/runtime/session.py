@@ -144,8 +144,8 @@ class EncoderSession:
         self.input, self.output = _spec(inputs[0]), _spec(outputs[0])
         device = "cuda" if self.provider == CUDA else "cpu"
         self.io_binding = cfg.io_binding if cfg.io_binding is not None else device == "cuda"
-        if cfg.cuda_graphs and (device != "cuda" or not (self.input.static and self.output.static)):
-            raise CaffeOnnxError("CUDA graphs need the CUDA provider and static per-sample shapes")
+        if cfg.cuda_graphs and (device != "cuda" or not self.io_binding or not (self.input.static and self.output.static)):
+            raise CaffeOnnxError("CUDA graphs need the CUDA provider, IOBinding and static per-sample shapes")
         self._device = device
         self._graph_ids = {int(b): k for k, b in enumerate(dict.fromkeys(cfg.cuda_graphs))}
         self._bound: dict[int, _Bound] = {}

@@ -145,12 +145,35 @@ def test_bad_bodies_get_4xx_with_a_message(server: int, client: triton.Inference
     assert_close(_infer(client, deep_blobs["data"][:2], False), deep_blobs["encode4"][:2], "encode4 after an error")
 
 
+@pytest.mark.parametrize("encoding", ["gzip", "deflate"])
+def test_compressed_request_bodies_are_accepted(server: int, deep_blobs: dict, encoding: str) -> None:
+    import gzip
+    import zlib
+
+    x = deep_blobs["data"][:2]
+    body = json.dumps({"inputs": [{"name": "data", "shape": [2, 784], "datatype": "FP32",
+                                   "data": x.reshape(-1).tolist()}]}).encode()
+    packed = gzip.compress(body) if encoding == "gzip" else zlib.compress(body)
+    status, payload = _post(server, packed, {"Content-Encoding": encoding})
+    assert status == 200, payload
+    got = np.asarray(payload["outputs"][0]["data"], dtype=np.float32).reshape(2, 8)
+    assert_close(got, deep_blobs["encode4"][:2], f"encode4 ({encoding} request)")
+    status, payload = _post(server, body, {"Content-Encoding": "br"})
+    assert status == 415 and "Content-Encoding 'br' is not supported" in payload["error"]
+
+
 def test_unknown_model_and_version_are_404(server: int, client: triton.InferenceServerClient) -> None:
     with pytest.raises(InferenceServerException, match=r"unknown model 'nope'; this server serves 'deep'") as info:
         client.get_model_metadata("nope")
     assert info.value.status() == "404"
     with pytest.raises(InferenceServerException, match=r"has no version '2'"):
         client.get_model_metadata(MODEL, model_version="2")
+    conn = http.client.HTTPConnection("127.0.0.1", server, timeout=10)
+    conn.request("GET", "/v2/nothing/here")
+    resp = conn.getresponse()
+    assert resp.status == 404 and "/v2/nothing/here" in json.loads(resp.read())["error"]
+    status, payload = _post(server, b"{}", {})
+    assert (status, payload["error"]) == (400, "the request must be a JSON object with an 'inputs' list")
 
 
 @pytest.mark.parametrize("seed", [0])
