@@ -18,7 +18,7 @@ import math
 import os
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -49,7 +49,6 @@ class SessionConfig:
     io_binding: bool | None = None  # None: on for CUDA, off for CPU
     cuda_graphs: Sequence[int] = ()  # batch sizes captured as CUDA graphs
     warmup: Sequence[int] = (1,)  # batch sizes run once at start (captures the CUDA graphs)
-    extra_session_config: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -161,8 +160,6 @@ class EncoderSession:
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.add_session_config_entry("session.intra_op.allow_spinning", "1" if cfg.spin else "0")
-        for key, value in cfg.extra_session_config.items():
-            so.add_session_config_entry(key, value)
         if cfg.device == "cuda" and CUDA in ort.get_available_providers() and hasattr(ort, "preload_dlls"):
             ort.preload_dlls()  # CUDA/cuDNN from the nvidia-* wheels when they are installed
         if cfg.device in ("auto", "cuda") and cuda_available():
