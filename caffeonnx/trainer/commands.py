@@ -35,13 +35,19 @@ def train(
     wta: Annotated[list[str] | None, typer.Option(
         "--wta", help="Winner-take-all sparsity while training: LAYER=k% on that layer's top (FC: lifetime; "
                       "conv: spatial + lifetime). Repeatable.")] = None,
+    stacked: Annotated[list[str] | None, typer.Option(
+        "--stacked", help="Greedy layer-wise training first: ENCODER:DECODER layer pairs, bottom-up (repeat or "
+                          "comma-separate); each pair trains alone on the cached codes below, then the whole net "
+                          "is fine-tuned.")] = None,
+    stacked_iters: Annotated[int | None, typer.Option(
+        "--stacked-iters", help="Iterations per greedy phase (default: the solver's max_iter).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Train a Caffe net with Caffe's solver semantics (exact updates, lr policies, snapshots)."""
     from caffeonnx.trainer.session import TrainOptions, run_training
 
     opts = TrainOptions(solver, weights, snapshot, data, test_data, max_iter, output, log, device, deterministic,
-                        wta or [])
+                        wta or [], stacked or [], stacked_iters)
     columns = [TextColumn("iter"), MofNCompleteColumn(), BarColumn(), TextColumn("{task.fields[status]}"),
                TimeElapsedColumn()]
     with Progress(*columns, console=err, disable=quiet, transient=False) as bar:

@@ -155,7 +155,7 @@ class GraphModule(nn.Module):
         self._producer = {o: i for i, s in enumerate(self._steps) for o in s.outputs if o}
         self.loss_terms = self._find_loss_terms()
         self.overrides = self._find_overrides()
-        self._plans: dict[tuple[tuple[str, ...], bool], list[tuple[_Step, list[str]]]] = {}
+        self._plans: dict[tuple[tuple[str, ...], bool, frozenset[str]], list[tuple[_Step, list[str]]]] = {}
         self.train_transforms: dict[str, tuple[str, Callable[[Tensor], Tensor]]] = {}
         self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)
@@ -282,9 +282,14 @@ class GraphModule(nn.Module):
         return self.generator
 
     # --- running ------------------------------------------------------------------
-    def _plan(self, outputs: tuple[str, ...], training: bool) -> list[tuple[_Step, list[str]]]:
-        """The steps needed for `outputs`, in graph order, each with the values to free after it."""
-        key = (outputs, training)
+    def _plan(self, outputs: tuple[str, ...], training: bool,
+              fed: frozenset[str] = frozenset()) -> list[tuple[_Step, list[str]]]:
+        """The steps needed for `outputs` given the `fed` values, in graph order, with the values to free after each.
+
+        A fed value is a source even when a node would compute it: feeding an intermediate
+        value runs only the part of the graph above it (stacked training bypasses layers so).
+        """
+        key = (outputs, training, fed)
         if key in self._plans:
             return self._plans[key]
         producer = dict(self._producer)
@@ -318,7 +323,7 @@ class GraphModule(nn.Module):
                 continue
             seen.add(v)
             i = producer.get(v)
-            if i is None:
+            if i is None or v in fed:
                 continue
             needed.add(i)
             stack.extend(n for n in steps[i].inputs if n)
@@ -328,7 +333,7 @@ class GraphModule(nn.Module):
             for n in steps[i].inputs:
                 if n:
                     last_use[n] = k
-        keep = set(outputs)
+        keep = set(outputs) | set(fed)
         plan = [(steps[i], [n for n in dict.fromkeys(steps[i].inputs) if n and last_use.get(n) == k and n not in keep])
                 for k, i in enumerate(order)]
         self._plans[key] = plan
@@ -337,7 +342,7 @@ class GraphModule(nn.Module):
     def forward(self, feeds: Mapping[str, Tensor | np.ndarray], outputs: Sequence[str] | None = None) -> Values:
         """Run the graph on `feeds` (graph input name -> batch); returns the requested values."""
         wanted = tuple(outputs) if outputs is not None else tuple(self.output_names)
-        plan = self._plan(wanted, self.training)
+        plan = self._plan(wanted, self.training, frozenset(n for n in feeds if n not in self.input_names))
         device, dtype = self.device, self.dtype
         env: Values = {name: self._buffers[key] for name, key in self._const_keys}  # type: ignore[misc]
         for info, p in zip(self.param_info, self.params):

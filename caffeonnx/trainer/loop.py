@@ -9,15 +9,17 @@ the weights (and any snapshot) stay the last good ones.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
+from torch import nn
 
 from caffeonnx.errors import TrainingDiverged
 from caffeonnx.proto import caffe_pb2
 from caffeonnx.trainer.data import BatchSource
-from caffeonnx.trainer.graph_module import GraphModule
+from caffeonnx.trainer.graph_module import GraphModule, ParamInfo
 from caffeonnx.trainer.solvers import SGDSolver, make_solver
 
 
@@ -54,17 +56,31 @@ class SmoothedLoss:
         return self.value
 
 
+Objective = Callable[[dict[str, np.ndarray]], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
 class Trainer:
-    """A GraphModule, a Caffe solver and a batch source, stepped as Caffe's Solver::Step."""
+    """A GraphModule, a Caffe solver and a batch source, stepped as Caffe's Solver::Step.
+
+    By default the objective is the net's own (Σ loss_weight·loss) and every learnable blob
+    is updated; stacked training passes its phase objective and the blobs it trains.
+    """
 
     def __init__(self, module: GraphModule, param: caffe_pb2.SolverParameter, data: BatchSource,
-                 source: str = "solver") -> None:
+                 source: str = "solver", objective: Objective | None = None,
+                 blobs: Sequence[tuple[ParamInfo, nn.Parameter]] | None = None) -> None:
         self.module = module.train()
         self.param = param
         self.data = data
-        self.solver: SGDSolver = make_solver(param, module.named_blobs(), source)
+        self.solver: SGDSolver = make_solver(param, module.named_blobs() if blobs is None else blobs, source)
         self.outputs = module.loss_outputs()
+        self.objective = objective or self.net_objective
         self.smoothed = SmoothedLoss(max(1, param.average_loss))
+
+    def net_objective(self, batch: dict[str, np.ndarray]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Caffe's objective on one batch, and each loss top."""
+        values = self.module(batch, self.outputs)
+        return self.module.loss(values), {t.blob: values[t.value] for t in self.module.loss_terms}
 
     @property
     def iter(self) -> int:
@@ -73,17 +89,16 @@ class Trainer:
 
     def forward_backward(self, batch_index: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """One pass on batch `batch_index`: the objective (gradients added to the params) and the loss tops."""
-        values = self.module(self.data.batch(batch_index), self.outputs)
-        loss = self.module.loss(values)
+        loss, tops = self.objective(self.data.batch(batch_index))
         loss.backward()
-        return loss.detach(), {t.blob: values[t.value].detach() for t in self.module.loss_terms}
+        return loss.detach(), {k: v.detach() for k, v in tops.items()}
 
     def step(self, iters: int, on_iteration: Callable[[Iteration], None] | None = None) -> list[Iteration]:
         """Run `iters` iterations (Caffe's Solver::Step); raises TrainingDiverged on a NaN/inf loss."""
         done = []
         size = self.param.iter_size
         for _ in range(iters):
-            for p in self.module.params:
+            for _, p in self.solver.blobs:
                 p.grad = None
             total = torch.zeros(())
             tops: dict[str, float] = {}

@@ -28,6 +28,7 @@ from caffeonnx.trainer.data import BatchSource, input_shapes, load_source, trans
 from caffeonnx.trainer.graph_module import GraphModule
 from caffeonnx.trainer.loop import Iteration, Trainer
 from caffeonnx.trainer.snapshot import SnapshotFiles, export_onnx, resume, write_snapshot
+from caffeonnx.trainer.stacked import parse_pairs, train_stacked
 from caffeonnx.trainer.wta import apply_wta, parse_wta
 
 Say = Callable[[str], None]
@@ -48,6 +49,8 @@ class TrainOptions:
     device: str = "auto"
     deterministic: bool = False
     wta: list[str] = field(default_factory=list)  # LAYER=k% winner-take-all specs (training only)
+    stacked: list[str] = field(default_factory=list)  # ENCODER:DECODER pairs, bottom-up: greedy phases first
+    stacked_iters: int | None = None  # iterations per greedy phase (default: the solver's max_iter)
 
 
 @dataclass
@@ -175,6 +178,8 @@ def run_training(opts: TrainOptions, say: Say = print, progress: Callable[[Itera
     tn = train_net(param, opts.solver)
     if opts.weights is not None and opts.snapshot is not None:
         raise SolverError("Give a snapshot to resume training or weights to finetune but not both.")
+    if opts.stacked and opts.snapshot is not None:
+        raise SolverError("--stacked starts from the initial weights; resume the fine-tuning with --snapshot alone")
     if opts.max_iter is not None and opts.max_iter < 0:
         raise SolverError(f"--max-iter must be >= 0, got {opts.max_iter}")
     if opts.deterministic:
@@ -192,6 +197,10 @@ def run_training(opts: TrainOptions, say: Say = print, progress: Callable[[Itera
         say(f"note: {note}")
     data = _data_source(opts.data, module, tn, "train", say)
     module.to(device)
+    if opts.stacked:
+        phase_iters = opts.stacked_iters if opts.stacked_iters is not None else param.max_iter
+        train_stacked(module, param, data, parse_pairs(opts.stacked), phase_iters, str(opts.solver), say)
+        say("stacked phases done: fine-tuning the whole net")
     trainer = Trainer(module, param, data, str(opts.solver))
     if opts.snapshot is not None:
         for note in resume(trainer, opts.snapshot):

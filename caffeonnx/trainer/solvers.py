@@ -77,6 +77,7 @@ class SGDSolver:
     def apply_update(self) -> float:
         """Turn the accumulated gradients into one Caffe update; returns the rate used."""
         rate = self.lr.rate(self.iter)
+        # The diffs are the solver's to change in place, as Caffe's are: the caller zeroes them per iteration.
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for _, p in self.blobs]
         self.clip(grads)
         for i, ((info, p), g) in enumerate(zip(self.blobs, grads)):
@@ -99,16 +100,16 @@ class SGDSolver:
                 g.mul_(clip / norm)
 
     def normalize(self, g: Tensor) -> Tensor:
-        """Normalize: the diff accumulated over iter_size passes, times 1/iter_size."""
+        """Normalize: the diff accumulated over iter_size passes, times 1/iter_size (in place)."""
         size = self.param.iter_size
-        return g if size == 1 else g * float(np.float32(1.0) / np.float32(size))
+        return g if size == 1 else g.mul_(float(np.float32(1.0) / np.float32(size)))
 
     def regularize(self, info: ParamInfo, w: Tensor, g: Tensor) -> Tensor:
-        """Regularize: g + local_decay·w (L2) or g + local_decay·sign(w) (L1)."""
+        """Regularize: g + local_decay·w (L2) or g + local_decay·sign(w) (L1), in place."""
         decay = float(np.float32(self.param.weight_decay) * np.float32(info.decay_mult))
         if not decay:
             return g
-        return g + decay * (w if self.param.regularization_type == "L2" else torch.sign(w))
+        return g.add_(w if self.param.regularization_type == "L2" else torch.sign(w), alpha=decay)
 
     def update_value(self, i: int, g: Tensor, local_rate: float) -> Tensor:
         """ComputeUpdateValue: what to subtract from param `i`."""
