@@ -2,7 +2,8 @@
 
 The code blob is, by default, the narrowest blob (fewest values per sample) that
 every path from the input to a reconstruction goes through; ties go to the first in
-graph order.  A reconstruction is any value computed from the input with the
+graph order, taken after the element-wise activation applied to it (a sigmoid
+autoencoder serves its sigmoid codes).  A reconstruction is any value computed from the input with the
 input's per-sample shape, so the cut is found for a deploy net, an all-blobs
 conversion and a TRAIN net whose only output is a loss alike (a loss reads the
 input directly, so nothing dominates it, but the reconstruction it compares is
@@ -186,12 +187,31 @@ def choose_code(model: ModelProto, code: str | None = None) -> CodeChoice:
                 ranked.append((width, value))
         if ranked:
             width, best = min(ranked, key=lambda c: c[0])  # min keeps the first of equal widths
+            best = _after_activation(g, best, {v for w, v in ranked if w == width})
             return CodeChoice(source, cuts[best], best, width)
     shapes = {i: _dims(infos.get(i)) for i in g.inputs}
     raise CaffeOnnxError(
         f"found no code blob: no blob lies on every path from an input {shapes!r} to a value with that input's "
         "per-sample shape (a reconstruction); is this an autoencoder? Name the code blob with --code BLOB"
     )
+
+
+# Element-wise neurons: a code is served after its activation (sigmoid codes, not logits).
+_ACTIVATIONS = {"Sigmoid", "Relu", "LeakyRelu", "Tanh", "Elu", "Softplus", "Abs", "PRelu", "Selu", "HardSigmoid"}
+
+
+def _after_activation(g: _Graph, value: str, same_width: set[str]) -> str:
+    """Follow `value` through the element-wise activations applied to it (same width)."""
+    moved = True
+    while moved:
+        moved = False
+        for node in g.graph.node:
+            if node.op_type in _ACTIVATIONS and node.input and node.input[0] == value:
+                nxt = next((o for o in node.output if o in same_width), None)
+                if nxt is not None:
+                    value, moved = nxt, True
+                    break
+    return value
 
 
 def _named_code(model: ModelProto, g: _Graph, infos: dict[str, ValueInfoProto], code: str) -> CodeChoice:

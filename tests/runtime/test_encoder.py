@@ -132,11 +132,11 @@ def _loss_only_model(seed: int) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]
 def test_loss_only_foreign_model_is_cut_at_its_bottleneck(seed: int) -> None:
     model, w = _loss_only_model(seed)
     enc, choice = extract_encoder(model)
-    assert (choice.code, choice.reconstruction, choice.width) == ("h", "r", 4)
+    assert (choice.code, choice.reconstruction, choice.width) == ("hs", "r", 4), "the code is taken after its sigmoid"
     assert [i.name for i in enc.graph.input] == ["x"], "the unused label input must be dropped"
     assert sorted(t.name for t in enc.graph.initializer) == ["b1", "w1"]
     x = rng(seed + 10).standard_normal((3, 10)).astype(np.float32)
-    assert_close(_run(enc, {"x": x})["h"], x @ w["w1"].T + w["b1"], "h")
+    assert_close(_run(enc, {"x": x})["hs"], 1 / (1 + np.exp(-(x @ w["w1"].T + w["b1"]))), "hs")
 
 
 def test_code_errors_name_the_blob_and_the_choices(deep_ae: onnx.ModelProto) -> None:
