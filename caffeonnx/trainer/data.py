@@ -197,3 +197,85 @@ def _read_one(path: Path) -> np.ndarray:
     if not path.exists():
         raise InputFileError(f"data file {str(path)!r} does not exist; check the path")
     return _load_array(path)
+
+
+def _mean_file(path: str) -> np.ndarray:
+    """A binaryproto mean image (BlobProto) as a (C, H, W) float32 array."""
+    p = Path(path)
+    if not p.is_file():
+        raise InputFileError(f"transform_param.mean_file {path!r} does not exist; check the path")
+    blob = caffe_pb2.BlobProto.FromString(p.read_bytes())
+    dims = list(blob.shape.dim) if blob.HasField("shape") else [blob.num, blob.channels, blob.height, blob.width]
+    values = np.asarray(blob.data if len(blob.data) else blob.double_data, dtype=np.float32)
+    return values.reshape(dims[-3:])
+
+
+class LmdbSource:
+    """A Caffe Data layer: batches of Datums from its LMDB with Caffe's DataTransformer.
+
+    Per sample, as Caffe: crop (random offsets in TRAIN, centred in TEST), mirror (a coin
+    flip when `mirror` is set), subtract the mean (mean_file pixel or mean_value channel),
+    multiply by `scale`.  The random draws of batch k come from a generator seeded with
+    (seed, k), so a resumed run draws the same crops and flips.
+    """
+
+    def __init__(self, layer: caffe_pb2.LayerParameter, shapes: Mapping[str, Shape], train: bool, seed: int) -> None:
+        from caffeonnx.data.lmdb_source import DatumDB
+
+        if layer.data_param.backend != caffe_pb2.DataParameter.LMDB:
+            raise DataError(f"layer {layer.name!r}: only LMDB Data sources are supported (backend LEVELDB is not); "
+                            "convert the database or feed the samples with --data")
+        self.db = DatumDB(layer.data_param.source)
+        self.layer = layer
+        self.tops = list(layer.top)
+        self.shapes = {t: tuple(shapes[t]) for t in self.tops if t in shapes}
+        self.train = train
+        self.seed = seed
+        t = layer.transform_param
+        self.scale = float(t.scale)
+        self.crop = int(t.crop_size)
+        self.mirror = bool(t.mirror)
+        self.mean_image = _mean_file(t.mean_file) if t.HasField("mean_file") else None
+        if self.mean_image is not None and t.mean_value:
+            raise DataError(f"layer {layer.name!r}: Cannot specify mean_file and mean_value at the same time")
+        self.mean_values = np.asarray(t.mean_value, dtype=np.float32)
+
+    @property
+    def samples(self) -> dict[str, int]:
+        """How many records the database holds (for each top)."""
+        return {t: len(self.db) for t in self.shapes}
+
+    def _transform(self, datum: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        c, h, w = datum.shape
+        x = datum.astype(np.float32)
+        if self.mean_image is not None:
+            if self.mean_image.shape != datum.shape:
+                raise DataError(f"mean_file is {list(self.mean_image.shape)} but the Datums are {list(datum.shape)}")
+            x = x - self.mean_image
+        elif self.mean_values.size:
+            if self.mean_values.size not in (1, c):
+                raise DataError(f"layer {self.layer.name!r}: Specify either 1 mean_value or as many as channels: {c}")
+            x = x - self.mean_values.reshape(-1, 1, 1)
+        if self.crop:
+            if self.train:
+                top, left = int(rng.integers(h - self.crop + 1)), int(rng.integers(w - self.crop + 1))
+            else:
+                top, left = (h - self.crop) // 2, (w - self.crop) // 2
+            x = x[:, top:top + self.crop, left:left + self.crop]
+        if self.mirror and rng.integers(2):
+            x = x[:, :, ::-1]
+        return x * np.float32(self.scale) if self.scale != 1.0 else x
+
+    def batch(self, index: int) -> dict[str, np.ndarray]:
+        """Batch number `index`: the data top transformed, the label top as float (Caffe's blobs are float)."""
+        size = self.shapes[self.tops[0]][0]
+        data, labels = self.db.read(list(range(index * size, (index + 1) * size)))
+        rng = np.random.default_rng((self.seed, index))
+        out = {self.tops[0]: np.stack([self._transform(d, rng) for d in data]).astype(np.float32)}
+        if len(self.tops) > 1 and self.tops[1] in self.shapes:
+            out[self.tops[1]] = labels.reshape(self.shapes[self.tops[1]])
+        expected = self.shapes[self.tops[0]]
+        if out[self.tops[0]].shape != expected:
+            raise DataError(f"layer {self.layer.name!r}: transformed batch is {list(out[self.tops[0]].shape)} but "
+                            f"the net expects {list(expected)}")
+        return out

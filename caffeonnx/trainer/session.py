@@ -24,7 +24,7 @@ from caffeonnx.converter.upgrade import upgrade_net
 from caffeonnx.errors import CaffeOnnxError, DataError, SolverError
 from caffeonnx.proto import caffe_pb2
 from caffeonnx.trainer.build import TrainNet, build_module, load_solver, read_weights, resolve_path, train_net
-from caffeonnx.trainer.data import BatchSource, input_shapes, load_source, transforms_of
+from caffeonnx.trainer.data import BatchSource, LmdbSource, input_shapes, load_source, transforms_of
 from caffeonnx.trainer.graph_module import GraphModule
 from caffeonnx.trainer.loop import Iteration, Trainer
 from caffeonnx.trainer.snapshot import SnapshotFiles, export_onnx, resume, write_snapshot
@@ -76,14 +76,19 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _data_source(spec: str | None, module: GraphModule, tn: TrainNet, what: str, say: Say) -> BatchSource:
-    """Batches for the inputs the loss (or the outputs) read, from --data or a clear error."""
+def _data_source(spec: str | None, module: GraphModule, tn: TrainNet, what: str, say: Say,
+                 seed: int = 0) -> BatchSource | LmdbSource:
+    """Batches for the inputs the loss (or the outputs) read: --data, else the net's Data layer LMDB."""
     outputs = module.loss_outputs() or module.output_names
     needed = module.required_inputs(outputs)
     layers = list(module.layers.values())
     shapes = input_shapes({n: module.input_dims[n] for n in needed}, layers)
     if spec is None:
-        kinds = sorted({layer.type for layer in layers if set(layer.top) & set(needed)})
+        feeding = [layer for layer in layers if set(layer.top) & set(needed)]
+        if len(feeding) == 1 and feeding[0].type == "Data" and set(needed) <= set(feeding[0].top):
+            say(f"reading {what} batches from the Data layer's LMDB {feeding[0].data_param.source!r}")
+            return LmdbSource(feeding[0], shapes, what == "train", seed)
+        kinds = sorted({layer.type for layer in feeding})
         raise DataError(f"{tn.source}: the {what} net reads {needed} from {', '.join(kinds)} layer(s); give the "
                         f"samples with {'--data' if what == 'train' else '--test-data'} FILE.npz (one array per blob) "
                         "or an MNIST IDX file")
@@ -107,7 +112,7 @@ def _export_model(tn: TrainNet, module: GraphModule, say: Say) -> ConvertedModel
 @dataclass
 class _TestNet:
     module: GraphModule
-    data: BatchSource
+    data: BatchSource | LmdbSource
     iters: int
 
 
@@ -126,9 +131,6 @@ def _test_nets(param: caffe_pb2.SolverParameter, solver_path: Path, tn: TrainNet
                           f"({len(param.test_iter)} test_iter for {len(files)} test_net)")
     if param.test_net_param:
         raise SolverError("test_net_param is not supported; put the test net in a file and name it in test_net")
-    if spec is None:
-        say("note: test_iter/test_interval are set but no --test-data was given: testing is skipped")
-        return []
     nets = []
     for i, iters in enumerate(param.test_iter):
         if i < len(files):
@@ -148,7 +150,15 @@ def _test_nets(param: caffe_pb2.SolverParameter, solver_path: Path, tn: TrainNet
         module = build_module(test_tn, None, seed=0, phase=caffe_pb2.TEST)
         module.share_parameters(train)
         module.to(device).eval()
-        nets.append(_TestNet(module, _data_source(spec, module, test_tn, "test", say), int(iters)))
+        try:
+            source = _data_source(spec, module, test_tn, "test", say)
+        except DataError:
+            if spec is not None:
+                raise
+            say("note: test_iter/test_interval are set but the test net has no Data layer and no --test-data was "
+                "given: testing is skipped")
+            return []
+        nets.append(_TestNet(module, source, int(iters)))
     return nets
 
 
@@ -195,7 +205,7 @@ def run_training(opts: TrainOptions, say: Say = print, progress: Callable[[Itera
         say(f"winner-take-all sparsity on {value!r} while training (inference and exports stay dense)")
     for note in tn.notes:
         say(f"note: {note}")
-    data = _data_source(opts.data, module, tn, "train", say)
+    data = _data_source(opts.data, module, tn, "train", say, seed)
     module.to(device)
     if opts.stacked:
         phase_iters = opts.stacked_iters if opts.stacked_iters is not None else param.max_iter

@@ -1,0 +1,1 @@
+"""Caffe's data sources read without Caffe (LMDB databases of Datum records)."""
