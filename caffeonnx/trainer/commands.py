@@ -41,13 +41,16 @@ def train(
                           "is fine-tuned.")] = None,
     stacked_iters: Annotated[int | None, typer.Option(
         "--stacked-iters", help="Iterations per greedy phase (default: the solver's max_iter).")] = None,
+    png: Annotated[bool, typer.Option(
+        "--png/--no-png", help="Write filters, input/reconstruction pairs and the loss curve as PNGs beside "
+                               "snapshots and -o outputs.")] = True,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Train a Caffe net with Caffe's solver semantics (exact updates, lr policies, snapshots)."""
     from caffeonnx.trainer.session import TrainOptions, run_training
 
     opts = TrainOptions(solver, weights, snapshot, data, test_data, max_iter, output, log, device, deterministic,
-                        wta or [], stacked or [], stacked_iters)
+                        wta or [], stacked or [], stacked_iters, png)
     columns = [TextColumn("iter"), MofNCompleteColumn(), BarColumn(), TextColumn("{task.fields[status]}"),
                TimeElapsedColumn()]
     with Progress(*columns, console=err, disable=quiet, transient=False) as bar:
@@ -63,7 +66,10 @@ def train(
     if last is not None:
         summary += f", last loss {last.loss:.6g} (smoothed {last.smoothed_loss:.6g})"
     written = [str(p) for s in result.snapshots for p in (s.caffemodel, s.onnx, s.solverstate)]
-    written += [str(p) for p in result.outputs]
+    written += [str(p) for p in result.outputs if p.suffix != ".png"]
+    pngs = [p for p in result.outputs if p.suffix == ".png"]
+    if pngs:
+        written.append(f"{len(pngs)} PNG picture(s)")
     err.print(summary + (f"; wrote {', '.join(written)}" if written else ""), markup=False, highlight=False)
 
 

@@ -29,6 +29,7 @@ from caffeonnx.trainer.graph_module import GraphModule
 from caffeonnx.trainer.loop import Iteration, Trainer
 from caffeonnx.trainer.snapshot import SnapshotFiles, export_onnx, resume, write_snapshot
 from caffeonnx.trainer.stacked import parse_pairs, train_stacked
+from caffeonnx.trainer.visualize import write_pictures
 from caffeonnx.trainer.wta import apply_wta, parse_wta
 
 Say = Callable[[str], None]
@@ -51,6 +52,7 @@ class TrainOptions:
     wta: list[str] = field(default_factory=list)  # LAYER=k% winner-take-all specs (training only)
     stacked: list[str] = field(default_factory=list)  # ENCODER:DECODER pairs, bottom-up: greedy phases first
     stacked_iters: int | None = None  # iterations per greedy phase (default: the solver's max_iter)
+    pictures: bool = True  # PNGs (filters, reconstructions, loss curve) beside snapshots and outputs
 
 
 @dataclass
@@ -60,7 +62,7 @@ class TrainResult:
     iterations: list[Iteration] = field(default_factory=list)
     tests: list[dict] = field(default_factory=list)
     snapshots: list[SnapshotFiles] = field(default_factory=list)
-    outputs: list[Path] = field(default_factory=list)
+    outputs: list[Path] = field(default_factory=list)  # -o files and every picture written
     seconds: float = 0.0
     samples: int = 0
 
@@ -222,6 +224,17 @@ def run_training(opts: TrainOptions, say: Say = print, progress: Callable[[Itera
     result = TrainResult()
     batch = next(iter(data.shapes.values()))[0] * param.iter_size
     stop = trainer.iter + opts.max_iter if opts.max_iter is not None else param.max_iter
+
+    def pictures(at: str) -> None:
+        if opts.pictures:
+            result.outputs += write_pictures(at, module, data.batch(0), result.iterations)
+
+    def snapshot() -> SnapshotFiles:
+        files = write_snapshot(trainer, prefix, export)
+        result.snapshots.append(files)
+        pictures(f"{prefix}_iter_{trainer.iter}")
+        return files
+
     with contextlib.ExitStack() as stack:
         log = stack.enter_context(open(opts.log, "a")) if opts.log else None
 
@@ -252,9 +265,9 @@ def run_training(opts: TrainOptions, say: Say = print, progress: Callable[[Itera
                 if param.display and record.iter % param.display == 0:
                     say(f"Iteration {record.iter}, loss = {record.smoothed_loss:.6g}, lr = {record.lr:.6g}")
                 if param.snapshot and trainer.iter % param.snapshot == 0:
-                    result.snapshots.append(write_snapshot(trainer, prefix, export))
+                    snapshot()
         except KeyboardInterrupt:
-            files = write_snapshot(trainer, prefix, export)
+            files = snapshot()
             say(f"interrupted at iteration {trainer.iter}: wrote {files.caffemodel}, {files.onnx}, {files.solverstate}")
             raise
         finally:
@@ -262,11 +275,12 @@ def run_training(opts: TrainOptions, say: Say = print, progress: Callable[[Itera
         if tests and trainer.iter % param.test_interval == 0:
             test_now()
     if param.snapshot_after_train and (not param.snapshot or trainer.iter % param.snapshot != 0) and result.iterations:
-        result.snapshots.append(write_snapshot(trainer, prefix, export))
+        snapshot()
     if opts.output is not None:
         model_path, onnx_path = Path(f"{opts.output}.caffemodel"), Path(f"{opts.output}.onnx")
         module.save_caffemodel(model_path)
         export_onnx(export, trainer, onnx_path)
-        result.outputs = [model_path, onnx_path]
+        result.outputs += [model_path, onnx_path]
+        pictures(str(opts.output))
     return result
 
