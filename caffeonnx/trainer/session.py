@@ -30,7 +30,7 @@ from caffeonnx.trainer.loop import Iteration, Trainer
 from caffeonnx.trainer.snapshot import SnapshotFiles, export_onnx, resume, write_snapshot
 from caffeonnx.trainer.stacked import parse_pairs, train_stacked
 from caffeonnx.trainer.visualize import write_pictures
-from caffeonnx.trainer.wta import apply_wta, parse_wta
+from caffeonnx.trainer.wta import apply_wta, parse_wta, take_wta_layers
 
 Say = Callable[[str], None]
 
@@ -202,8 +202,9 @@ def run_training(opts: TrainOptions, say: Say = print, progress: Callable[[Itera
     torch.manual_seed(seed)
     weights_path = opts.weights or (Path(param.weights[0]) if param.weights else None)
     weights = read_weights(weights_path) if weights_path is not None else None
+    wta = take_wta_layers(tn.net, tn.source) + [parse_wta(text) for text in opts.wta]
     module = build_module(tn, weights, seed)
-    for value in apply_wta(module, [parse_wta(text) for text in opts.wta]):
+    for value in apply_wta(module, wta):
         say(f"winner-take-all sparsity on {value!r} while training (inference and exports stay dense)")
     for note in tn.notes:
         say(f"note: {note}")

@@ -8,7 +8,12 @@ a constant of the forward pass, so gradients flow through the winners only.  Not
 of this is in the inference or exported graphs: at test time the codes are dense.
 
 Configured per Caffe layer: `--wta LAYER=5%` sparsifies that layer's top (usually the
-encoder's ReLU).
+encoder's ReLU).  In a prototxt, the Caffe way to add a layer is a Python layer; an
+in-place one naming this module is read as a WTA spec on the blob it sits on and is
+taken out of the net (so inference and exports never see it):
+
+    layer { name: "wta" type: "Python" bottom: "code" top: "code"
+            python_param { module: "caffeonnx.wta" layer: "WinnerTakeAll" param_str: "5%" } }
 """
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from caffeonnx.errors import CaffeOnnxError
+from caffeonnx.proto import caffe_pb2
 from caffeonnx.trainer.graph_module import GraphModule
 
 Tensor = torch.Tensor
@@ -43,6 +49,32 @@ def parse_wta(text: str) -> WtaSpec:
     if not 0 < fraction <= 1:
         raise CaffeOnnxError(f"--wta {text!r}: the kept fraction must be in (0%, 100%], got {fraction:g}")
     return WtaSpec(layer, fraction)
+
+
+PYTHON_MODULE = "caffeonnx.wta"
+
+
+def take_wta_layers(net: caffe_pb2.NetParameter, source: str) -> list[WtaSpec]:
+    """Remove the WTA Python layers from `net`; each becomes a spec on the last earlier layer writing its blob."""
+    specs, kept = [], []
+    writer: dict[str, str] = {}
+    for layer in net.layer:
+        if layer.type == "Python" and layer.python_param.module == PYTHON_MODULE:
+            if len(layer.bottom) != 1 or list(layer.top) != list(layer.bottom):
+                raise CaffeOnnxError(f"{source}: layer {layer.name!r}: a {PYTHON_MODULE} layer must work in place "
+                                     f"(one bottom, top == bottom), got bottom {list(layer.bottom)} top {list(layer.top)}")
+            blob = layer.bottom[0]
+            if blob not in writer:
+                raise CaffeOnnxError(f"{source}: layer {layer.name!r}: no earlier layer writes {blob!r}")
+            spec = parse_wta(f"{writer[blob]}={layer.python_param.param_str.strip()}")
+            specs.append(spec)
+            continue
+        kept.append(layer)
+        for top in layer.top:
+            writer[top] = layer.name
+    del net.layer[:]
+    net.layer.extend(kept)
+    return specs
 
 
 def _kept(count: int, fraction: float) -> int:

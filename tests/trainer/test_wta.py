@@ -1,14 +1,25 @@
 """Winner-take-all sparsity: FC lifetime and CONV spatial+lifetime masks, gradients, training-only installation."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
+from caffeonnx.converter.caffe_io import parse_prototxt, read_caffemodel
 from caffeonnx.errors import CaffeOnnxError
 from caffeonnx.proto import caffe_pb2
 from caffeonnx.trainer.graph_module import GraphModule
-from caffeonnx.trainer.wta import WtaSpec, apply_wta, lifetime_sparsity, parse_wta, spatial_lifetime_sparsity
+from caffeonnx.trainer.session import TrainOptions, run_training
+from caffeonnx.trainer.wta import (
+    WtaSpec,
+    apply_wta,
+    lifetime_sparsity,
+    parse_wta,
+    spatial_lifetime_sparsity,
+    take_wta_layers,
+)
 from tests.helpers import convert_text, rng
 
 
@@ -77,3 +88,29 @@ def test_wta_on_an_unknown_layer_names_the_layers() -> None:
     converted = convert_text(NET, phase=caffe_pb2.TRAIN)
     with pytest.raises(CaffeOnnxError, match=r"no layer named 'relu2'.*'relu'"):
         apply_wta(GraphModule(converted.model, converted.weights), [WtaSpec("relu2", 0.05)])
+
+
+def test_a_wta_python_layer_in_the_prototxt_becomes_a_spec_and_leaves_the_net(tmp_path: Path) -> None:
+    net_text = NET.replace('layer { name: "decode"', '''layer { name: "wta" type: "Python" bottom: "code" top: "code"
+  python_param { module: "caffeonnx.wta" layer: "WinnerTakeAll" param_str: "10%" } }
+layer { name: "decode"''')
+    (tmp_path / "net.prototxt").write_text(net_text)
+    (tmp_path / "solver.prototxt").write_text(f'net: "{tmp_path / "net.prototxt"}"\nbase_lr: 0.01\nlr_policy: "fixed"\n'
+                                              "max_iter: 2\nsnapshot_after_train: false\n")
+    np.savez(tmp_path / "d.npz", data=rng(1).normal(size=(50, 16)).astype(np.float32))
+    said: list[str] = []
+    run_training(TrainOptions(tmp_path / "solver.prototxt", data=str(tmp_path / "d.npz"), output=tmp_path / "o"),
+                 say=said.append)
+    assert "winner-take-all sparsity on 'code' while training (inference and exports stay dense)" in said
+    assert "Python" not in {layer.type for layer in read_caffemodel(tmp_path / "o.caffemodel").net.layer}
+    net = parse_prototxt(net_text, "<t>")
+    assert take_wta_layers(net, "<t>") == [WtaSpec("relu", 0.1)]
+    assert [layer.name for layer in net.layer] == ["data", "encode", "relu", "decode", "loss"]
+
+
+def test_a_wta_python_layer_must_be_in_place() -> None:
+    net = parse_prototxt(NET.replace('layer { name: "decode"', '''layer { name: "wta" type: "Python" bottom: "code"
+  top: "sparse" python_param { module: "caffeonnx.wta" param_str: "5%" } }
+layer { name: "decode"'''), "<t>")
+    with pytest.raises(CaffeOnnxError, match="must work in place"):
+        take_wta_layers(net, "<t>")
