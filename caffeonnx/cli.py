@@ -189,11 +189,13 @@ def layers(
 @app.command()
 def demo(
     workdir: Annotated[Path, typer.Option("--workdir", help="Where to write the demo's files.")] = Path("caffeonnx-demo"),
+    iters: Annotated[Optional[int], typer.Option(
+        "--iters", help="Training iterations (default: the bundled solver's max_iter).")] = None,
 ) -> None:
-    """Convert the bundled tied autoencoder and verify it against Caffe's own blobs."""
+    """The whole chain on bundled data: convert a Caffe tied AE, fine-tune it, serve its encoder; every step checked."""
     from caffeonnx.demo import run_demo
 
-    if not run_demo(workdir, out):
+    if not run_demo(workdir, out, iters):
         raise typer.Exit(1)
 
 
