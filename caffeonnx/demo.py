@@ -45,9 +45,11 @@ from caffeonnx.runtime.session import EncoderSession, SessionConfig
 
 SHARED = "encode1_matrix"  # the tied weight: encode1 reads it as W, decode1 as Wᵀ (transpose: true)
 SHARED_SHAPE = (64, 784)
+RECONSTRUCTION = "decode1neuron"  # the deploy net's output: sigmoid of the decoder
 MODEL_NAME = "tied_ae_encoder"
 SERVED_ROWS = 8  # test images sent in the one infer request
 SERVER_START_S = 60.0
+CAFFE_ATOL, CAFFE_RTOL = 1e-5, 1e-4  # converted blobs vs Caffe's (float32 sums in another order)
 
 
 def example_dir(name: str = "tied_ae") -> Path:
@@ -55,11 +57,10 @@ def example_dir(name: str = "tied_ae") -> Path:
     return Path(str(resources.files("caffeonnx") / "examples" / name))
 
 
-def mnist_scaled(images_gz: Path, scratch: Path) -> tuple[np.ndarray, np.ndarray]:
-    """MNIST images as uint8 (N, 28, 28) and as Caffe-ready float32 rows (N, 784) scaled by 1/255."""
+def mnist_scaled(images_gz: Path, scratch: Path) -> np.ndarray:
+    """MNIST images as float32 rows (N, 784) scaled by 1/255, as `caffeonnx encode` scales uint8 pixels."""
     with open_samples(images_gz, scratch_dir=scratch) as images:
-        raw = np.array(images)
-    return raw, raw.reshape(len(raw), -1).astype(np.float32) * np.float32(1 / 255)
+        return np.array(images).reshape(len(images), -1).astype(np.float32) * np.float32(1 / 255)
 
 
 def shared_matrix_check(model: onnx.ModelProto, readers: int) -> tuple[bool, str]:
@@ -113,6 +114,7 @@ class Report:
 
     @property
     def failed(self) -> list[str]:
+        """The checks that failed."""
         return [text for text, ok in self.checks if not ok]
 
 
@@ -129,13 +131,13 @@ def run_demo(workdir: Path, console: Console, iters: int | None = None) -> bool:
                        style="bold"), soft_wrap=True)
     report.line(f"workdir: {workdir}")
     ex, mnist = example_dir(), example_dir("mnist_subset")
-    _, train_x = mnist_scaled(mnist / "train-images-idx3-ubyte.gz", workdir)
-    _, test_x = mnist_scaled(mnist / "t10k-images-idx3-ubyte.gz", workdir)
+    train_x = mnist_scaled(mnist / "train-images-idx3-ubyte.gz", workdir)
+    test_x = mnist_scaled(mnist / "t10k-images-idx3-ubyte.gz", workdir)
     converted = _convert(report, ex, workdir)
     trained = _train(report, ex, workdir, converted, train_x, iters)
     _evaluate(report, converted, trained, test_x)
-    encoder, codes, device = _encoder(report, workdir, trained, test_x, mnist)
-    _serve(report, encoder, test_x[:SERVED_ROWS], codes[:SERVED_ROWS], device)
+    encoder, codes, provider = _encoder(report, workdir, trained, test_x, mnist)
+    _serve(report, encoder, test_x[:SERVED_ROWS], codes[:SERVED_ROWS], provider)
     console.print(Text(f"files written in {workdir}:", style="bold"), soft_wrap=True)
     for path in sorted(p for p in workdir.iterdir() if p.is_file()):
         report.line(f"{path.name:<28} {path.stat().st_size / 1024:>9,.1f} KiB")
@@ -156,12 +158,14 @@ def _convert(report: Report, ex: Path, workdir: Path) -> Path:
         converted = convert_files(ex / "net.prototxt", ex / "weights.caffemodel", ConvertOptions())
         converted.save(onnx_path)
         checked = convert_files(ex / "net.prototxt", ex / "weights.caffemodel", ConvertOptions(all_blobs=True))
-        checks = compare_blobs(checked, load_npz(ex / "inputs.npz", "inputs"), load_npz(ex / "blobs.npz", "reference"))
+        checks = compare_blobs(checked, load_npz(ex / "inputs.npz", "inputs"), load_npz(ex / "blobs.npz", "reference"),
+                               CAFFE_ATOL, CAFFE_RTOL)
         worst = max(checks, key=lambda c: c.max_abs)
         bad = [c.blob for c in checks if not c.ok]
-        report.check(bool(checks) and not bad,
+        report.check(not bad,
                      f"{len(checks)} blobs match Caffe 1.0's forward pass ({', '.join(c.blob for c in checks)}; "
-                     f"max abs err {worst.max_abs:.1e} in {worst.blob})" + (f"; differ: {bad}" if bad else ""))
+                     f"max abs err {worst.max_abs:.1e} in {worst.blob}; tolerance atol {CAFFE_ATOL:g}, rtol {CAFFE_RTOL:g})"
+                     + (f"; differ: {bad}" if bad else ""))
         model = onnx.load(str(onnx_path))
         report.check(*shared_matrix_check(model, readers=2))
         info = inspect_onnx(model, str(onnx_path))
@@ -184,7 +188,7 @@ class Trained:
 def _train(report: Report, ex: Path, workdir: Path, converted: Path, train_x: np.ndarray, iters: int | None) -> Trained:
     """Step 2: `caffeonnx train` with the bundled solver from the converted ONNX; the tie in every file it writes."""
     from caffeonnx.trainer.build import load_solver
-    from caffeonnx.trainer.session import TrainOptions, run_training
+    from caffeonnx.trainer.session import TrainOptions, pick_device, run_training
 
     solver = load_solver(ex / "solver.prototxt")
     data = workdir / "mnist_train.npz"
@@ -199,7 +203,7 @@ def _train(report: Report, ex: Path, workdir: Path, converted: Path, train_x: np
         result = run_training(TrainOptions(ex / "solver.prototxt", weights=converted, data=str(data), max_iter=iters,
                                            output=prefix, log=log), say=lambda _: None)
         first, last = result.iterations[0], result.iterations[-1]
-        report.line(f"{len(result.iterations)} iterations in {result.seconds:.1f} s "
+        report.line(f"{len(result.iterations)} iterations in {result.seconds:.1f} s on {pick_device('auto')} "
                     f"({result.samples / max(result.seconds, 1e-9):,.0f} images/s)")
         report.check(bool(np.isfinite(last.smoothed_loss)) and last.smoothed_loss < first.loss,
                      f"loss (SigmoidCrossEntropyLoss per image): {first.loss:.2f} at iteration 0 -> "
@@ -228,7 +232,7 @@ def _evaluate(report: Report, converted: Path, trained: Trained, test_x: np.ndar
         errors = []
         for path in (converted, trained.onnx):
             sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-            recon = sess.run(None, {sess.get_inputs()[0].name: test_x})[0]
+            recon = sess.run([RECONSTRUCTION], {sess.get_inputs()[0].name: test_x})[0]
             errors.append(float(np.mean((recon.astype(np.float64) - test_x) ** 2)))
         report.check(errors[1] < errors[0], f"reconstruction error (mean squared, per pixel): {errors[0]:.4f} before "
                                             f"-> {errors[1]:.4f} after fine-tuning")
@@ -266,6 +270,7 @@ def _encoder(report: Report, workdir: Path, trained: Trained, test_x: np.ndarray
 
 
 def _free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
