@@ -7,10 +7,13 @@ Each initializer (= one Caffe param blob, shared blobs included) is ONE nn.Param
 a tied decoder reads the encoder's weight through a transposed view, so autograd adds
 up the gradients of every user exactly as Caffe's shared diff does.
 
-Caffe's TRAIN phase differs from ONNX inference for a few layer types (Dropout); the
-metadata's per-layer records say which ONNX values are a Caffe layer's bottoms and
-tops, so in training mode such a layer's tops are computed from its bottoms by a
-`LayerOverride` instead of by its inference nodes.
+Caffe's TRAIN phase differs from ONNX inference for a few layer types (Dropout masks
+and scales; BatchNorm accumulates its moving averages into its blobs); the metadata's
+per-layer records say which ONNX values are a Caffe layer's bottoms and tops, so in
+training mode such a layer's tops are computed from its bottoms by a `LayerOverride`
+instead of by its inference nodes.  Training-only transforms of a layer's top (WTA
+sparsity) hook in the same way.  Feeding an intermediate value runs only the graph
+above it, which is how stacked training bypasses inner layers.
 """
 from __future__ import annotations
 
