@@ -14,6 +14,7 @@ from onnx import numpy_helper
 
 from caffeonnx.cli import main
 from caffeonnx.converter.caffe_io import read_caffemodel
+from caffeonnx.converter.caffe_to_onnx import convert_files
 from caffeonnx.trainer.build import build_module, load_solver, read_weights, train_net
 from caffeonnx.trainer.loop import Iteration
 from caffeonnx.trainer.session import TrainOptions, run_training
@@ -168,3 +169,21 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path: Path, monkeypatch: pytest.Mo
     assert len(lines) == 1 and "Traceback" not in err, f"{what}: not one line: {err!r}"
     for s in says:
         assert s in lines[0], f"{what}: {s!r} not in {lines[0]!r}"
+
+
+def test_onnx_weights_start_exactly_where_the_caffemodel_does(tmp_path: Path) -> None:
+    """--weights model.onnx (a caffeonnx TEST graph) gives the same run as --weights init.caffemodel."""
+    solver = case_copy(tmp_path, "train_tied_sgd")
+    d = solver.parent
+    convert_files(d / "train.prototxt", d / "init.caffemodel").save(tmp_path / "init.onnx")
+    runs = [run_training(TrainOptions(solver, weights=w, data=str(d / "data.npz"), max_iter=3), say=lambda _: None)
+            for w in (d / "init.caffemodel", tmp_path / "init.onnx")]
+    assert [r.loss for r in runs[0].iterations] == [r.loss for r in runs[1].iterations]
+
+
+def test_max_iter_option_keeps_the_solvers_poly_schedule(tmp_path: Path) -> None:
+    solver = case_copy(tmp_path, "train_siamese_sgd", lr_policy='"poly"', power="2", max_iter="100")
+    d = solver.parent
+    result = run_training(TrainOptions(solver, weights=d / "init.caffemodel", data=str(d / "data.npz"), max_iter=5),
+                          say=lambda _: None)
+    assert [r.lr for r in result.iterations] == pytest.approx([0.01 * (1 - i / 100) ** 2 for i in range(5)], rel=1e-6)
