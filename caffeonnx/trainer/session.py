@@ -184,8 +184,22 @@ def _run_tests(nets: list[_TestNet], iteration: int, compute_loss: bool) -> list
     return results
 
 
-def run_training(opts: TrainOptions, say: Say = print, progress: Callable[[Iteration, float], None] | None = None) -> TrainResult:
+Progress = Callable[[Iteration, float], None]
+
+
+def run_training(opts: TrainOptions, say: Say = print, progress: Progress | None = None) -> TrainResult:
     """Train as `caffe train` would, with caffeonnx's additions (data files, .onnx, JSONL log)."""
+    previous = torch.are_deterministic_algorithms_enabled()
+    if opts.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for repeatable GEMMs
+        torch.use_deterministic_algorithms(True)
+    try:
+        return _train(opts, say, progress)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
+def _train(opts: TrainOptions, say: Say, progress: Progress | None) -> TrainResult:
     param = load_solver(opts.solver)
     tn = train_net(param, opts.solver)
     if opts.weights is not None and opts.snapshot is not None:
@@ -194,9 +208,6 @@ def run_training(opts: TrainOptions, say: Say = print, progress: Callable[[Itera
         raise SolverError("--stacked starts from the initial weights; resume the fine-tuning with --snapshot alone")
     if opts.max_iter is not None and opts.max_iter < 0:
         raise SolverError(f"--max-iter must be >= 0, got {opts.max_iter}")
-    if opts.deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
     device = pick_device(opts.device)
     seed = int(param.random_seed) if param.random_seed >= 0 else 0
     torch.manual_seed(seed)

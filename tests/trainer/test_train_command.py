@@ -187,3 +187,14 @@ def test_max_iter_option_keeps_the_solvers_poly_schedule(tmp_path: Path) -> None
     result = run_training(TrainOptions(solver, weights=d / "init.caffemodel", data=str(d / "data.npz"), max_iter=5),
                           say=lambda _: None)
     assert [r.lr for r in result.iterations] == pytest.approx([0.01 * (1 - i / 100) ** 2 for i in range(5)], rel=1e-6)
+
+
+def test_deterministic_runs_repeat_bitwise_and_leave_torch_as_found(tmp_path: Path) -> None:
+    solver = case_copy(tmp_path, "train_deep_nesterov")
+    d = solver.parent
+    runs = [run_training(TrainOptions(solver, weights=d / "init.caffemodel", data=str(d / "data.npz"), max_iter=4,
+                                      deterministic=True, output=tmp_path / f"r{k}"), say=lambda _: None)
+            for k in range(2)]
+    assert [r.loss for r in runs[0].iterations] == [r.loss for r in runs[1].iterations]
+    assert (tmp_path / "r0.caffemodel").read_bytes() == (tmp_path / "r1.caffemodel").read_bytes()
+    assert not torch.are_deterministic_algorithms_enabled()
