@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from caffeonnx.trainer.loop import Iteration
+if TYPE_CHECKING:  # torch loads only when a command trains, not with every CLI call
+    from caffeonnx.trainer.loop import Iteration
 
 err = Console(stderr=True)
 
