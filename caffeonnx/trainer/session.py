@@ -2,7 +2,8 @@
 
 Order of events per iteration, as in Caffe: test (every test_interval, at 0 only with
 test_initialization), the iteration itself, then a snapshot every `snapshot`
-iterations.  At the end: a snapshot (snapshot_after_train) and a last test.
+iterations.  At the end: a last test (when iter is a multiple of test_interval), a snapshot
+(snapshot_after_train), then the -o outputs.
 """
 from __future__ import annotations
 
