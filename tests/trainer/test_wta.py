@@ -114,3 +114,26 @@ def test_a_wta_python_layer_must_be_in_place() -> None:
 layer { name: "decode"'''), "<t>")
     with pytest.raises(CaffeOnnxError, match="must work in place"):
         take_wta_layers(net, "<t>")
+
+
+def test_conv_wta_keeps_one_spike_per_map_in_a_conv_autoencoder() -> None:
+    text = """
+layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 10 dim: 1 dim: 12 dim: 12 } } }
+layer { name: "conv" type: "Convolution" bottom: "data" top: "conv"
+  convolution_param { num_output: 4 kernel_size: 5 pad: 2 weight_filler { type: "gaussian" std: 0.3 } } }
+layer { name: "relu" type: "ReLU" bottom: "conv" top: "conv" }
+layer { name: "deconv" type: "Deconvolution" bottom: "conv" top: "recon"
+  convolution_param { num_output: 1 kernel_size: 5 pad: 2 weight_filler { type: "gaussian" std: 0.3 } } }
+layer { name: "loss" type: "EuclideanLoss" bottom: "recon" bottom: "data" top: "loss" }
+"""
+    converted = convert_text(text, phase=caffe_pb2.TRAIN)
+    module = GraphModule(converted.model, converted.weights).train()
+    apply_wta(module, [WtaSpec("relu", 0.2)])
+    x = rng(4).normal(size=(10, 1, 12, 12)).astype(np.float32)
+    code = module({"data": x}, ["conv"])["conv"]
+    spikes = (code.detach().flatten(2) != 0).sum(dim=2)
+    assert int(spikes.max()) == 1, "one value per (sample, map)"
+    assert (spikes.sum(dim=0) <= 2).all(), "20% of 10 samples: at most 2 spikes per map across the batch"
+    loss = module.loss(module({"data": x}, module.loss_outputs()))
+    loss.backward()
+    assert module.parameter("conv.weight").grad.abs().sum() > 0
