@@ -8,17 +8,20 @@ touches its own file and its test only.
 """
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
+
+from caffeonnx.registry import Registry, summary
 
 if TYPE_CHECKING:
     from caffeonnx.converter.context import LayerContext
     from caffeonnx.proto.caffe_pb2 import LayerParameter
 
 Handler = Callable[["LayerParameter", "LayerContext"], None]
+
+_HANDLERS: Registry[Handler] = Registry("Caffe layer type", "caffeonnx.converter.layers")
+register_layer = _HANDLERS.register
 
 
 @dataclass(frozen=True)
@@ -27,54 +30,24 @@ class LayerHandler:
 
     layer_type: str
     convert: Handler
-    module: str
+
+    @property
+    def module(self) -> str:
+        """The module that defines the handler."""
+        return self.convert.__module__
 
     @property
     def summary(self) -> str:
         """First docstring line of the handler: what the layer computes."""
-        doc = (self.convert.__doc__ or "").strip()
-        return doc.splitlines()[0] if doc else ""
-
-
-_HANDLERS: dict[str, LayerHandler] = {}
-_loaded = False
-
-
-def register_layer(*layer_types: str) -> Callable[[Handler], Handler]:
-    """Register `fn` as the converter of each Caffe `layer_type`; duplicates are refused."""
-
-    def decorate(fn: Handler) -> Handler:
-        for layer_type in layer_types:
-            if layer_type in _HANDLERS:
-                other = _HANDLERS[layer_type]
-                raise RuntimeError(
-                    f"Caffe layer type {layer_type!r} is already handled by "
-                    f"{other.module}.{other.convert.__name__}"
-                )
-            _HANDLERS[layer_type] = LayerHandler(layer_type, fn, fn.__module__)
-        return fn
-
-    return decorate
-
-
-def _load_all() -> None:
-    global _loaded
-    if _loaded:
-        return
-    from caffeonnx.converter import layers
-
-    for info in pkgutil.iter_modules(layers.__path__):
-        importlib.import_module(f"{layers.__name__}.{info.name}")
-    _loaded = True
+        return summary(self.convert)
 
 
 def get_handler(layer_type: str) -> LayerHandler | None:
     """The handler for `layer_type`, or None when it is not supported."""
-    _load_all()
-    return _HANDLERS.get(layer_type)
+    fn = _HANDLERS.get(layer_type)
+    return LayerHandler(layer_type, fn) if fn is not None else None
 
 
 def supported_layers() -> list[LayerHandler]:
     """All registered handlers, sorted by Caffe layer type."""
-    _load_all()
-    return [_HANDLERS[t] for t in sorted(_HANDLERS)]
+    return [LayerHandler(t, fn) for t, fn in _HANDLERS.items()]

@@ -8,16 +8,19 @@ Only ops of the default ONNX domain are registered.
 """
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
+
+from caffeonnx.registry import Registry, summary
 
 if TYPE_CHECKING:
     from caffeonnx.converter.foreign.context import NodeContext
 
 Emitter = Callable[["NodeContext"], None]
+
+_EMITTERS: Registry[Emitter] = Registry("ONNX op", "caffeonnx.converter.foreign.emitters")
+register_op = _EMITTERS.register
 
 
 @dataclass(frozen=True)
@@ -26,54 +29,27 @@ class OpEmitter:
 
     op_type: str
     emit: Emitter
-    module: str
+
+    @property
+    def module(self) -> str:
+        """The module that defines the emitter."""
+        return self.emit.__module__
 
     @property
     def summary(self) -> str:
         """First docstring line of the emitter: the Caffe layers it writes."""
-        doc = (self.emit.__doc__ or "").strip()
-        return doc.splitlines()[0] if doc else ""
-
-
-_EMITTERS: dict[str, OpEmitter] = {}
-_loaded = False
-
-
-def register_op(*op_types: str) -> Callable[[Emitter], Emitter]:
-    """Register `fn` as the emitter of each ONNX `op_type`; duplicates are refused."""
-
-    def decorate(fn: Emitter) -> Emitter:
-        for op_type in op_types:
-            if op_type in _EMITTERS:
-                other = _EMITTERS[op_type]
-                raise RuntimeError(f"ONNX op {op_type!r} is already emitted by {other.module}.{other.emit.__name__}")
-            _EMITTERS[op_type] = OpEmitter(op_type, fn, fn.__module__)
-        return fn
-
-    return decorate
-
-
-def _load_all() -> None:
-    global _loaded
-    if _loaded:
-        return
-    from caffeonnx.converter.foreign import emitters
-
-    for info in pkgutil.iter_modules(emitters.__path__):
-        importlib.import_module(f"{emitters.__name__}.{info.name}")
-    _loaded = True
+        return summary(self.emit)
 
 
 def get_emitter(op_type: str, domain: str = "") -> OpEmitter | None:
     """The emitter for an ONNX op, or None when caffeonnx cannot write it as Caffe layers."""
-    _load_all()
-    return _EMITTERS.get(op_type) if domain in ("", "ai.onnx") else None
+    fn = _EMITTERS.get(op_type) if domain in ("", "ai.onnx") else None
+    return OpEmitter(op_type, fn) if fn is not None else None
 
 
 def supported_ops() -> list[OpEmitter]:
     """All registered emitters, sorted by ONNX op type."""
-    _load_all()
-    return [_EMITTERS[t] for t in sorted(_EMITTERS)]
+    return [OpEmitter(t, fn) for t, fn in _EMITTERS.items()]
 
 
 def supported_ops_markdown() -> str:

@@ -12,14 +12,14 @@ Modules in this package are discovered automatically.
 """
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
+
+from caffeonnx.registry import Registry
 
 Kernel = Callable[..., "torch.Tensor | tuple[torch.Tensor, ...]"]
 Factory = Callable[["NodeSpec"], Kernel]
@@ -50,42 +50,18 @@ class NodeSpec:
         return index < len(self.inputs) and self.inputs[index] != ""
 
 
-_OPS: dict[str, Factory] = {}
-_loaded = False
-
-
-def register_op(*op_types: str) -> Callable[[Factory], Factory]:
-    """Register `fn` as the kernel factory of each ONNX `op_type`; duplicates are refused."""
-
-    def decorate(fn: Factory) -> Factory:
-        for op in op_types:
-            if op in _OPS:
-                raise RuntimeError(f"ONNX op {op!r} already has a kernel: {_OPS[op].__module__}.{_OPS[op].__name__}")
-            _OPS[op] = fn
-        return fn
-
-    return decorate
-
-
-def _load_all() -> None:
-    global _loaded
-    if _loaded:
-        return
-    for info in pkgutil.iter_modules(__path__):
-        importlib.import_module(f"{__name__}.{info.name}")
-    _loaded = True
+_OPS: Registry[Factory] = Registry("ONNX op kernel", __name__)
+register_op = _OPS.register
 
 
 def get_op(op_type: str) -> Factory | None:
     """The kernel factory for `op_type`, or None when the trainer cannot run it."""
-    _load_all()
     return _OPS.get(op_type)
 
 
 def supported_ops() -> list[str]:
     """Every ONNX op type the trainer can run, sorted."""
-    _load_all()
-    return sorted(_OPS)
+    return [name for name, _ in _OPS.items()]
 
 
 def ints(value: np.ndarray | list[int] | tuple[int, ...] | None) -> list[int] | None:

@@ -16,7 +16,7 @@ def test_every_emitter_is_named_and_documented() -> None:
 
 
 def test_duplicate_registration_is_refused() -> None:
-    with pytest.raises(RuntimeError, match=r"ONNX op 'Relu' is already emitted by .*activation\.emit_simple"):
+    with pytest.raises(RuntimeError, match=r"ONNX op 'Relu' is already registered to .*activation\.emit_simple"):
         register_op("Relu")(lambda ctx: None)
 
 
