@@ -22,6 +22,7 @@ from google.protobuf.message import DecodeError
 from caffeonnx.errors import InputFileError, PrototxtError
 from caffeonnx.fileio import atomic_write
 from caffeonnx.proto import caffe_pb2
+from caffeonnx.wire import length_delimited
 
 # Field numbers used by the scanner (see caffe.proto).
 _NET_LAYER = 100  # NetParameter.layer (LayerParameter)
@@ -188,7 +189,7 @@ def _strip_blobs(sc: _Scanner, start: int, end: int, blob_field: int, nested: di
         elif nested and fnum in nested and wt == 2:
             inner, inner_blobs = _strip_blobs(sc, vs, ve, nested[fnum])
             blobs.extend(inner_blobs)
-            kept += _key(fnum, 2) + _varint_bytes(len(inner)) + inner
+            kept += length_delimited(fnum, len(inner)) + inner
         else:
             kept += sc.buf[fs:ve]
     return bytes(kept), blobs
@@ -247,32 +248,16 @@ def _is_text(head: bytes) -> bool:
     return not any(ord(c) < 32 and c not in "\t\n\r\f" for c in text)
 
 
-def _varint_bytes(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        b = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(b | 0x80)
-        else:
-            out.append(b)
-            return bytes(out)
-
-
-def _key(fnum: int, wt: int) -> bytes:
-    return _varint_bytes((fnum << 3) | wt)
-
-
 def _blob_bytes(array: np.ndarray) -> list[bytes | memoryview]:
     """Serialise one BlobProto (shape + packed float data) without per-element work."""
     arr = np.ascontiguousarray(array, dtype="<f4")
     # The shape of `array` itself: ascontiguousarray turns a 0-axis blob (PReLU channel_shared) into 1-axis.
     shape = caffe_pb2.BlobShape(dim=[int(d) for d in np.shape(array)]).SerializeToString()
-    head = _key(_BLOB_SHAPE, 2) + _varint_bytes(len(shape)) + shape
+    head = length_delimited(_BLOB_SHAPE, len(shape)) + shape
     payload = memoryview(arr).cast("B")
-    data_head = _key(_BLOB_DATA, 2) + _varint_bytes(payload.nbytes)
+    data_head = length_delimited(_BLOB_DATA, payload.nbytes)
     body_len = len(head) + len(data_head) + payload.nbytes
-    return [_key(_LAYER_BLOBS, 2) + _varint_bytes(body_len) + head + data_head, payload]
+    return [length_delimited(_LAYER_BLOBS, body_len) + head + data_head, payload]
 
 
 def write_caffemodel(
@@ -303,6 +288,6 @@ def write_caffemodel_to(fh: BinaryIO, net: caffe_pb2.NetParameter, blobs: dict[s
         for arr in blobs.get(layer.name, []):
             parts.extend(_blob_bytes(arr))
         total = len(head) + sum(memoryview(p).nbytes for p in parts)
-        fh.write(_key(_NET_LAYER, 2) + _varint_bytes(total) + head)
+        fh.write(length_delimited(_NET_LAYER, total) + head)
         for part in parts:
             fh.write(part)

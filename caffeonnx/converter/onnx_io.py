@@ -16,24 +16,11 @@ from onnx import ModelProto, TensorProto, helper, numpy_helper
 
 from caffeonnx.errors import CaffeOnnxError
 from caffeonnx.fileio import atomic_write
+from caffeonnx.wire import length_delimited
 
 _GRAPH_FIELD = 7  # ModelProto.graph
 _INIT_FIELD = 5  # GraphProto.initializer
 _RAW_FIELD = 9  # TensorProto.raw_data
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        b = value & 0x7F
-        value >>= 7
-        out.append(b | 0x80 if value else b)
-        if not value:
-            return bytes(out)
-
-
-def _ld(field: int, length: int) -> bytes:
-    return _varint((field << 3) | 2) + _varint(length)
 
 
 def tensor_header(name: str, array: np.ndarray) -> TensorProto:
@@ -86,8 +73,8 @@ def _initializer_chunks(weights: Mapping[str, np.ndarray]) -> Iterable[tuple[byt
         if arr.dtype.byteorder == ">":
             arr = arr.astype(arr.dtype.newbyteorder("<"))
         payload = memoryview(arr).cast("B")
-        head = tensor_header(name, arr).SerializeToString() + _ld(_RAW_FIELD, payload.nbytes)
-        yield _ld(_INIT_FIELD, len(head) + payload.nbytes) + head, payload
+        head = tensor_header(name, arr).SerializeToString() + length_delimited(_RAW_FIELD, payload.nbytes)
+        yield length_delimited(_INIT_FIELD, len(head) + payload.nbytes) + head, payload
 
 
 def save_streaming(path: str | os.PathLike[str], model: ModelProto, weights: Mapping[str, np.ndarray]) -> None:
@@ -105,7 +92,7 @@ def save_streaming(path: str | os.PathLike[str], model: ModelProto, weights: Map
     rest.ClearField("graph")
     with atomic_write(path) as fh:
         fh.write(rest.SerializeToString())
-        fh.write(_ld(_GRAPH_FIELD, graph_len))
+        fh.write(length_delimited(_GRAPH_FIELD, graph_len))
         fh.write(graph_head)
         for head, payload in chunks:
             fh.write(head)

@@ -23,23 +23,10 @@ from caffeonnx.errors import InputFileError, SolverError
 from caffeonnx.fileio import atomic_write, write_bytes_atomic
 from caffeonnx.proto import caffe_pb2
 from caffeonnx.trainer.loop import SmoothedLoss, Trainer
+from caffeonnx.wire import length_delimited
 
 _STATE_HISTORY = 3  # SolverState.history
 _BLOB_DATA, _BLOB_SHAPE = 5, 7  # BlobProto.data (packed float), BlobProto.shape
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        b = value & 0x7F
-        value >>= 7
-        out.append(b | 0x80 if value else b)
-        if not value:
-            return bytes(out)
-
-
-def _field(number: int, payload_len: int) -> bytes:
-    return _varint((number << 3) | 2) + _varint(payload_len)
 
 
 @dataclass
@@ -78,8 +65,8 @@ def write_solverstate(path: Path, trainer: Trainer, learned_net: str) -> None:
         for arr in solver.history_arrays():
             shape = caffe_pb2.BlobShape(dim=list(arr.shape)).SerializeToString()
             data = memoryview(np.ascontiguousarray(arr, dtype="<f4")).cast("B")
-            body = _field(_BLOB_SHAPE, len(shape)) + shape + _field(_BLOB_DATA, data.nbytes)
-            fh.write(_field(_STATE_HISTORY, len(body) + data.nbytes) + body)
+            body = length_delimited(_BLOB_SHAPE, len(shape)) + shape + length_delimited(_BLOB_DATA, data.nbytes)
+            fh.write(length_delimited(_STATE_HISTORY, len(body) + data.nbytes) + body)
             fh.write(data)
 
 
