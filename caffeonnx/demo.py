@@ -12,10 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import signal
-import socket
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -38,6 +34,7 @@ from caffeonnx.converter.inspect import inspect_onnx
 from caffeonnx.converter.onnx_to_caffe import onnx_to_caffe
 from caffeonnx.converter.verify import compare_blobs, load_npz
 from caffeonnx.errors import CaffeOnnxError
+from caffeonnx.runtime.child import serve_in_child
 from caffeonnx.runtime.encode import encode_file
 from caffeonnx.runtime.encoder import extract_encoder, save_model
 from caffeonnx.runtime.inputs import open_samples
@@ -269,13 +266,6 @@ def _encoder(report: Report, workdir: Path, trained: Trained, test_x: np.ndarray
     return path, codes, session.provider
 
 
-def _free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # a local server: never via a proxy
 
 
@@ -292,47 +282,14 @@ def http(method: str, url: str, body: dict | None = None, timeout: float = 10.0)
     return status, (json.loads(raw) if raw else {})
 
 
-@contextlib.contextmanager
-def serve_in_child(model: Path, name: str, device: str = "auto") -> Iterator[tuple[str, subprocess.Popen]]:
-    """`caffeonnx serve MODEL` in a child process on a free local port; yields (base URL, process) once ready.
-
-    On exit the child gets SIGTERM (how orchestrators stop a server) and is waited for;
-    it is killed only if it has not stopped within 30 s.
-    """
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "caffeonnx.cli", "serve", str(model), "--port", str(port),
-                             "--name", name, "--device", device, "--threads", "1"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + SERVER_START_S
-        while True:
-            with contextlib.suppress(OSError):
-                if http("GET", f"{url}/v2/health/ready", timeout=2)[0] == 200:
-                    break
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                raise CaffeOnnxError(f"`caffeonnx serve {model}` did not become ready (exit {proc.poll()}): "
-                                     f"{proc.communicate(timeout=10)[1].strip()}")
-            time.sleep(0.1)
-        yield url, proc
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-
 def _serve(report: Report, encoder: Path, x: np.ndarray, codes: np.ndarray, provider: str) -> None:
     """Step 5: `caffeonnx serve` in a child process, one JSON infer request over HTTP, SIGTERM."""
     device = "cuda" if provider == "CUDAExecutionProvider" else "cpu"
     with report.step(f"serve: caffeonnx serve {encoder.name} --name {MODEL_NAME} on a free local port "
                      "(Open Inference Protocol v2)"):
         start = time.perf_counter()
-        with serve_in_child(encoder, MODEL_NAME, device) as (url, proc):
+        with serve_in_child(encoder, MODEL_NAME, "--threads", "1", device=device) as server:
+            url, proc = server.url, server.proc
             report.line(f"{url}/v2 ready after {time.perf_counter() - start:.1f} s")
             status, meta = http("GET", f"{url}/v2/models/{MODEL_NAME}")
             tensors = {k: [(t["name"], t["datatype"], t["shape"]) for t in meta.get(k, [])] for k in ("inputs", "outputs")}

@@ -25,8 +25,8 @@ from typer.testing import CliRunner
 
 from caffeonnx.cli import app
 from caffeonnx.converter.caffe_io import read_caffemodel, read_prototxt
-from caffeonnx.demo import serve_in_child
 from caffeonnx.proto import caffe_pb2
+from caffeonnx.runtime.child import serve_in_child
 from caffeonnx.runtime.inputs import open_samples
 from tests.helpers import assert_close, rng
 
@@ -141,7 +141,8 @@ def _code_blob(trained: Path, x: np.ndarray) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def server(chain: Chain) -> Iterator[triton.InferenceServerClient]:
-    with serve_in_child(chain.dir / "encoder.onnx", MODEL, device="cpu") as (url, proc):
+    with serve_in_child(chain.dir / "encoder.onnx", MODEL, "--threads", "1") as server:
+        url, proc = server.url, server.proc
         client = triton.InferenceServerClient(url.removeprefix("http://"))
         yield client
         client.close()

@@ -11,17 +11,11 @@ closed-loop load (loadgen.py) at each concurrency: requests/s and latency p50/p9
 """
 from __future__ import annotations
 
-import http.client
 import os
 import platform
-import signal
-import socket
-import subprocess
-import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -32,6 +26,7 @@ import torch
 from onnx import ModelProto
 
 from caffeonnx.errors import CaffeOnnxError
+from caffeonnx.runtime.child import serve_in_child
 from caffeonnx.runtime.encoder import extract_encoder, load_model, save_model
 from caffeonnx.runtime.loadgen import LoadResult, infer_request_bytes, run_load
 from caffeonnx.runtime.session import EncoderSession, SessionConfig
@@ -154,41 +149,6 @@ class ServerResult:
     errors: int
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextmanager
-def _server(model_path: Path, args: Sequence[str]) -> Iterator[int]:
-    """`caffeonnx serve` in a child process; yields its port once ready, SIGTERMs it afterwards."""
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "caffeonnx.cli", "serve", str(model_path), "--port", str(port),
-                             "--name", "enc", "--device", "cpu", *args],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise CaffeOnnxError(f"the benchmark server did not start: {proc.communicate(timeout=5)[1]}")
-            try:
-                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-                conn.request("GET", "/v2/health/ready")
-                if conn.getresponse().status == 200:
-                    break
-            except OSError:
-                time.sleep(0.1)
-        yield port
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 def bench_server(model_path: Path, concurrencies: Sequence[int] = (1, 8, 32), seconds: float = 3.0,
                  threads: int = 1, max_batch: int = 64, max_delay_ms: float = 1.0, *, rounds: int = SERVER_ROUNDS,
                  seed: int = 0) -> list[ServerResult]:
@@ -203,7 +163,9 @@ def bench_server(model_path: Path, concurrencies: Sequence[int] = (1, 8, 32), se
     session = EncoderSession(model_path, SessionConfig(device="cpu", warmup=()))
     x = np.random.default_rng(seed).random((1, *session.input.sample_shape), dtype=np.float32)
     common = ["--threads", str(threads), "--max-batch", str(max_batch), "--max-delay-ms", str(max_delay_ms)]
-    with _server(model_path, [*common, "--batching"]) as on, _server(model_path, [*common, "--no-batching"]) as off:
+    with serve_in_child(model_path, "enc", *common, "--batching") as srv_on, \
+            serve_in_child(model_path, "enc", *common, "--no-batching") as srv_off:
+        on, off = srv_on.port, srv_off.port
         ports = {True: on, False: off}
         requests = {b: infer_request_bytes("127.0.0.1", p, "enc", session.input.name, session.output.name, x)
                     for b, p in ports.items()}

@@ -5,12 +5,9 @@ import http.client
 import json
 import signal
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -18,55 +15,18 @@ import pytest
 import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
+from caffeonnx.runtime.child import serve_in_child
 from caffeonnx.runtime.loadgen import infer_request_bytes
 from tests.helpers import assert_close, rng
 
 MODEL = "deep"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextmanager
-def running_server(encoder: Path, *extra: str) -> Iterator[tuple[int, subprocess.Popen]]:
-    """Start `caffeonnx serve` on a free port, wait until it is ready, SIGTERM it afterwards."""
-    port = _free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "caffeonnx.cli", "serve", str(encoder), "--port", str(port), "--name", MODEL,
-         "--device", "cpu", "--threads", "1", *extra],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-                conn.request("GET", "/v2/health/ready")
-                if conn.getresponse().status == 200:
-                    break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"server did not start (exit {proc.poll()}): {proc.communicate(timeout=5)[0]}")
-            time.sleep(0.1)
-        yield port, proc
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-
 @pytest.fixture(scope="module")
 def server(deep_encoder_path: Path) -> Iterator[int]:
     """A server with a 1 MiB body limit and batches of up to 64 rows."""
-    with running_server(deep_encoder_path, "--max-body-mb", "1", "--max-batch", "64") as (port, _):
-        yield port
+    with serve_in_child(deep_encoder_path, MODEL, "--threads", "1", "--max-body-mb", "1", "--max-batch", "64") as srv:
+        yield srv.port
 
 
 @pytest.fixture()
@@ -211,8 +171,9 @@ def test_concurrent_clients_get_their_own_codes_and_metrics_count_them(
 
 def test_sigterm_finishes_the_request_in_flight_then_exits_0(deep_encoder_path: Path, deep_blobs: dict) -> None:
     # --no-batching: the same codes come back when every request runs alone
-    with running_server(deep_encoder_path, "--no-batching") as (port, proc), \
-            socket.create_connection(("127.0.0.1", port)) as sock:
+    with serve_in_child(deep_encoder_path, MODEL, "--threads", "1", "--no-batching", capture_output=True) as srv, \
+            socket.create_connection(("127.0.0.1", srv.port)) as sock:
+        port, proc = srv.port, srv.proc
         request = infer_request_bytes("127.0.0.1", port, MODEL, "data", "encode4", deep_blobs["data"][:4])
         sock.sendall(request[:len(request) // 2])  # the request is in flight when SIGTERM arrives
         time.sleep(0.3)
