@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -54,6 +54,7 @@ class ParamInfo:
     decay_mult: float
     users: list[tuple[str, int]]  # (Caffe layer, blob index) for every layer sharing it
     dtype: np.dtype  # storage dtype of the initializer (float16 when converted with --fp16)
+    views: dict[tuple[str, int], tuple[int, ...]] = field(default_factory=dict)  # PERMISSIVE users' own shapes
 
 
 @dataclass
@@ -138,7 +139,8 @@ class GraphModule(nn.Module):
                 continue
             rec = records.get(name, {})
             info = ParamInfo(name, float(rec.get("lr_mult", 1.0)), float(rec.get("decay_mult", 1.0)),
-                             [(u[0], int(u[1])) for u in rec.get("users", [])], arr.dtype)
+                             [(u[0], int(u[1])) for u in rec.get("users", [])], arr.dtype,
+                             {(u[0], int(u[1])): tuple(u[2]) for u in rec.get("user_shapes", [])})
             self._param_index[name] = len(self.param_info)
             self.param_info.append(info)
             self.params.append(nn.Parameter(torch.from_numpy(np.array(arr, dtype=np.float32))))
@@ -474,7 +476,8 @@ class GraphModule(nn.Module):
         for info, p in self.named_blobs():
             value = p.detach().cpu().numpy().astype(np.float32)
             for layer, index in info.users:
-                blobs.setdefault(layer, {})[index] = value
+                view = info.views.get((layer, index))
+                blobs.setdefault(layer, {})[index] = value.reshape(view) if view is not None else value
         return {layer: [by_index[i] for i in sorted(by_index)] for layer, by_index in blobs.items()}
 
     def caffe_net(self) -> caffe_pb2.NetParameter:

@@ -108,6 +108,28 @@ def test_caffemodel_holds_the_shared_blob_once_per_user_layer(tmp_path) -> None:
         assert_close(reconverted.weights[name], arr, f"reconverted {name}")
 
 
+PERMISSIVE = """
+layer { name: "data" type: "Input" top: "data" top: "small" input_param { shape { dim: 2 dim: 6 } shape { dim: 2 dim: 3 } } }
+layer { name: "a" type: "InnerProduct" bottom: "data" top: "a" inner_product_param { num_output: 4 bias_term: false }
+  param { name: "W" } }
+layer { name: "b" type: "InnerProduct" bottom: "small" top: "b" inner_product_param { num_output: 8 bias_term: false }
+  param { name: "W" share_mode: PERMISSIVE } }
+layer { name: "c" type: "Concat" bottom: "a" bottom: "b" top: "c" }
+"""
+
+
+def test_caffemodel_gives_permissive_users_their_own_blob_shape(tmp_path) -> None:
+    """A PERMISSIVE share (same count, other shape) is written in each user's shape, as Caffe stores it."""
+    w = rng(3).standard_normal((4, 6)).astype(np.float32)
+    converted = convert_text(PERMISSIVE, {"a": [w], "b": [w.reshape(8, 3)]})
+    module = GraphModule(converted.model, converted.weights)
+    path = tmp_path / "out.caffemodel"
+    module.save_caffemodel(path)
+    written = read_caffemodel(path)
+    assert written.blobs["a"][0].data.shape == (4, 6) and written.blobs["b"][0].data.shape == (8, 3)
+    assert np.array_equal(written.blobs["b"][0].data, w.reshape(8, 3))
+
+
 DROPOUT = """
 layer { name: "data" type: "Input" top: "data" input_param { shape { dim: 64 dim: 200 } } }
 layer { name: "drop" type: "Dropout" bottom: "data" top: "data" dropout_param { dropout_ratio: %s } }
