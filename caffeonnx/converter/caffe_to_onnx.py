@@ -86,24 +86,23 @@ class ConvertedModel:
 
 
 def _top_names(layers: list[caffe_pb2.LayerParameter], builder: GraphBuilder) -> list[list[str]]:
-    """ONNX value names of every layer's tops (the last write of a blob keeps its name)."""
+    """ONNX value names of every layer's tops.
+
+    A blob keeps its name on its last write (what Caffe's blob holds after forward),
+    except an input blob, whose graph input keeps it; other writes are `blob@layer`.
+    """
     writes = Counter(t for layer in layers for t in layer.top)
-    input_blobs = {t for layer in layers if get_handler(layer.type) and _is_data(layer) for t in layer.top}
-    seen: Counter[str] = Counter()
+    inputs = {t for layer in layers if _is_data(layer) for t in layer.top}
     for blob in writes:
         builder.reserve(blob)
+    seen: Counter[str] = Counter()
     names = []
     for layer in layers:
         tops = []
         for t in layer.top:
             seen[t] += 1
-            first_input_write = t in input_blobs and seen[t] == 1
-            if seen[t] == writes[t] and (t not in input_blobs or first_input_write):
-                tops.append(t)
-            elif first_input_write:
-                tops.append(t)
-            else:
-                tops.append(builder.unique(f"{t}@{layer.name}"))
+            plain = seen[t] == 1 if t in inputs else seen[t] == writes[t]
+            tops.append(t if plain else builder.unique(f"{t}@{layer.name}"))
         names.append(tops)
     return names
 
