@@ -23,6 +23,9 @@ from caffeonnx.proto import caffe_pb2
 
 Shape = tuple[int, ...]
 
+# Opset from which each reduction takes `axes` as an input instead of an attribute.
+_REDUCE_AXES_INPUT_SINCE = {"ReduceSum": 13, "ReduceMean": 18, "ReduceL1": 18, "ReduceSumSquare": 18}
+
 
 @dataclass
 class ConvertOptions:
@@ -233,6 +236,17 @@ class LayerContext:
         out = self.builder.unique(f"{self.name}/{hint}")
         self.builder.add_node("Constant", [], [out], f"{self.name}/{hint}", value=numpy_helper.from_array(arr, out))
         return out
+
+    def reduce(
+        self, op: str, x: str, axes: Sequence[int] | None = None, output: str | None = None, keepdims: int = 0
+    ) -> str:
+        """ReduceSum/Mean/L1/SumSquare over `axes` (all when None), as an input or an attribute per the opset."""
+        if axes is None:
+            return self.node(op, [x], [output] if output else None, keepdims=keepdims)
+        if self.options.opset >= _REDUCE_AXES_INPUT_SINCE[op]:
+            axes_value = self.const(np.array(list(axes), dtype=np.int64), "axes")
+            return self.node(op, [x, axes_value], [output] if output else None, keepdims=keepdims)
+        return self.node(op, [x], [output] if output else None, axes=list(axes), keepdims=keepdims)
 
     def reshape(self, x: str, in_shape: Shape, out_shape: Shape, output: str | None = None) -> str:
         """Reshape keeping the batch dimension symbolic where it is carried through."""

@@ -101,9 +101,7 @@ def normalization_mode(loss_param: caffe_pb2.LossParameter, default: int) -> int
 
 def reduce_sum(ctx: LayerContext, x: str, axes: Sequence[int] | None = None, keepdims: int = 0) -> str:
     """ReduceSum over `axes` (all axes when None)."""
-    if axes is None:
-        return ctx.node("ReduceSum", [x], keepdims=keepdims)
-    return ctx.node("ReduceSum", [x, ctx.const(np.array(list(axes), dtype=np.int64), "axes")], keepdims=keepdims)
+    return ctx.reduce("ReduceSum", x, axes, keepdims=keepdims)
 
 
 def int_labels(ctx: LayerContext, label: str) -> str:

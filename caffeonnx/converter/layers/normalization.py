@@ -8,9 +8,6 @@ from caffeonnx.converter.fillers import constant_filler
 from caffeonnx.converter.registry import register_layer
 from caffeonnx.proto import caffe_pb2
 
-# ReduceMean takes its axes as an input (not an attribute) from this opset on.
-_REDUCE_AXES_AS_INPUT = 18
-
 
 # Caffe's BatchNorm setup gives each statistic blob without a ParamSpec `lr_mult: 0`, so
 # the solver never updates them; the converted model records that without editing the net.
@@ -25,13 +22,6 @@ def _check_statistics_specs(layer: caffe_pb2.LayerParameter, ctx: LayerContext) 
                 f"param {i} has lr_mult {spec.lr_mult!r}; Caffe refuses it (Cannot configure batch "
                 "normalization statistics as layer parameters): set lr_mult: 0 or drop the param spec"
             )
-
-
-def _reduce_mean(ctx: LayerContext, x: str, axes: list[int]) -> str:
-    """ReduceMean over `axes`, keeping them as size-1 dimensions."""
-    if ctx.options.opset >= _REDUCE_AXES_AS_INPUT:
-        return ctx.node("ReduceMean", [x, ctx.const(np.array(axes, dtype=np.int64), "axes")], keepdims=1)
-    return ctx.node("ReduceMean", [x], axes=axes, keepdims=1)
 
 
 @register_layer("BatchNorm")
@@ -62,8 +52,8 @@ def convert_batch_norm(layer: caffe_pb2.LayerParameter, ctx: LayerContext) -> No
     else:
         # Batch statistics over every axis but the channel; Caffe's variance is the biased one.
         axes = [0, *range(2, len(shape))]
-        centred = ctx.node("Sub", [x, _reduce_mean(ctx, x, axes)])
-        var = _reduce_mean(ctx, ctx.node("Mul", [centred, centred]), axes)
+        centred = ctx.node("Sub", [x, ctx.reduce("ReduceMean", x, axes, keepdims=1)])
+        var = ctx.reduce("ReduceMean", ctx.node("Mul", [centred, centred]), axes, keepdims=1)
         std = ctx.node("Sqrt", [ctx.node("Add", [var, ctx.const(eps, "eps")])])
         ctx.node("Div", [centred, std], [out])
     ctx.set_output_shape(0, shape)

@@ -9,8 +9,6 @@ from caffeonnx.proto import caffe_pb2
 
 _P = caffe_pb2.ReductionParameter
 _ONNX_OP = {_P.SUM: "ReduceSum", _P.ASUM: "ReduceL1", _P.SUMSQ: "ReduceSumSquare", _P.MEAN: "ReduceMean"}
-# Opset where each op's `axes` moved from an attribute to an input.
-_AXES_INPUT_SINCE = {"ReduceSum": 13, "ReduceL1": 18, "ReduceSumSquare": 18, "ReduceMean": 18}
 
 
 @register_layer("Reduction")
@@ -22,11 +20,7 @@ def convert_reduction(layer: caffe_pb2.LayerParameter, ctx: LayerContext) -> Non
     op = _ONNX_OP[p.operation]
     axes = list(range(axis, len(shape)))
     x, out = ctx.inputs[0], ctx.outputs[0]
-    reduced_to = [out] if p.coeff == 1 else None
-    if ctx.options.opset >= _AXES_INPUT_SINCE[op]:
-        reduced = ctx.node(op, [x, ctx.const(np.array(axes, dtype=np.int64), "axes")], reduced_to, keepdims=0)
-    else:
-        reduced = ctx.node(op, [x], reduced_to, axes=axes, keepdims=0)
+    reduced = ctx.reduce(op, x, axes, out if p.coeff == 1 else None)
     if p.coeff != 1:
         ctx.node("Mul", [reduced, ctx.const(np.array(p.coeff, dtype=np.float32), "coeff")], [out])
     ctx.set_output_shape(0, shape[:axis])
