@@ -45,16 +45,20 @@ def _resolve_pads(node: NodeSpec, spatial: Sequence[int], kernel: Sequence[int],
     return begin, end
 
 
+def _conv_geometry(node: NodeSpec, w: Tensor) -> tuple[int, list[int], list[int], list[int]]:
+    """Spatial rank, kernel, strides and dilations of a Conv/ConvTranspose (ONNX defaults from the weight)."""
+    nd = w.dim() - 2
+    kernel = list(node.attr("kernel_shape") or w.shape[2:])
+    return nd, kernel, list(node.attr("strides") or [1] * nd), list(node.attr("dilations") or [1] * nd)
+
+
 @register_op("Conv")
 def conv(node: NodeSpec) -> Kernel:
     """Conv: N-D grouped, strided, dilated convolution with ONNX begin/end pads (Caffe Convolution)."""
     group = int(node.attr("group", 1))
 
     def run(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
-        nd = w.dim() - 2
-        kernel = list(node.attr("kernel_shape") or w.shape[2:])
-        strides = list(node.attr("strides") or [1] * nd)
-        dilations = list(node.attr("dilations") or [1] * nd)
+        nd, kernel, strides, dilations = _conv_geometry(node, w)
         begin, end = _resolve_pads(node, x.shape[2:], kernel, strides, dilations)
         if begin != end:
             x = F.pad(x, _torch_pads(begin, end))
@@ -70,10 +74,7 @@ def conv_transpose(node: NodeSpec) -> Kernel:
     group = int(node.attr("group", 1))
 
     def run(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
-        nd = w.dim() - 2
-        kernel = list(node.attr("kernel_shape") or w.shape[2:])
-        strides = list(node.attr("strides") or [1] * nd)
-        dilations = list(node.attr("dilations") or [1] * nd)
+        nd, kernel, strides, dilations = _conv_geometry(node, w)
         out_pad = list(node.attr("output_padding") or [0] * nd)
         out_shape = node.attr("output_shape")
         auto = node.attr("auto_pad", "NOTSET")
