@@ -215,7 +215,7 @@ def _check_weights_cover(layers: list[caffe_pb2.LayerParameter], weights: CaffeW
     """Every layer with params must find its blobs in the caffemodel (unless --init-missing)."""
     if opts.init_missing:
         return
-    missing = [layer.name for layer in layers if layer.name not in weights.blobs and _has_params(layer)]
+    missing = [layer.name for layer in layers if layer.name not in weights.blobs and has_params(layer)]
     if missing:
         raise WeightsError(
             f"{weights.path}: no weights for layer(s) {', '.join(repr(m) for m in missing)}; is this caffemodel "
@@ -223,7 +223,8 @@ def _check_weights_cover(layers: list[caffe_pb2.LayerParameter], weights: CaffeW
         )
 
 
-def _has_params(layer: caffe_pb2.LayerParameter) -> bool:
+def has_params(layer: caffe_pb2.LayerParameter) -> bool:
+    """Whether Caffe gives this layer learnable blobs (so a caffemodel must hold them)."""
     if layer.type not in {"InnerProduct", "Convolution", "Deconvolution", "BatchNorm", "Scale", "Bias", "PReLU", "Embed"}:
         return False
     if layer.type in ("Scale", "Bias") and len(layer.bottom) > 1:

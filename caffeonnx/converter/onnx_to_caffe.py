@@ -20,6 +20,7 @@ from onnx import ModelProto, numpy_helper
 
 from caffeonnx.converter import metadata
 from caffeonnx.converter.caffe_io import write_caffemodel_to
+from caffeonnx.converter.caffe_to_onnx import has_params
 from caffeonnx.errors import CaffeOnnxError, InputFileError
 from caffeonnx.fileio import atomic_write
 from caffeonnx.proto import caffe_pb2
@@ -94,19 +95,12 @@ def _restore(model: ModelProto, batch: int | None) -> CaffeNet:
         arrays_in_order = [got[i] for i in sorted(got)]
         shapes = layer_shapes.get(layer.name, {})
         out.blobs[layer.name] = [a.reshape(shapes.get(i, a.shape)) for i, a in enumerate(arrays_in_order)]
-    missing = [layer.name for layer in net.layer if layer.name in converted and layer.name not in out.blobs and blobs_expected(layer)]
+    missing = [layer.name for layer in net.layer if layer.name in converted and layer.name not in out.blobs and has_params(layer)]
     if missing:
         raise CaffeOnnxError(f"no weights recorded for layer(s) {missing}; the model's metadata is inconsistent")
     if batch is not None:
         _set_batch(net, batch)
     return out
-
-
-def blobs_expected(layer: caffe_pb2.LayerParameter) -> bool:
-    """Whether a layer type carries learnable blobs in Caffe."""
-    return layer.type in {"InnerProduct", "Convolution", "Deconvolution", "BatchNorm", "PReLU", "Embed"} or (
-        layer.type in ("Scale", "Bias") and len(layer.bottom) == 1
-    )
 
 
 def _set_batch(net: caffe_pb2.NetParameter, batch: int) -> None:
