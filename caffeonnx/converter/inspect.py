@@ -30,7 +30,7 @@ from caffeonnx.converter import metadata
 from caffeonnx.converter.caffe_io import _is_text
 from caffeonnx.converter.caffe_to_onnx import convert_net, filter_layers, load_net, load_weights
 from caffeonnx.converter.context import ConvertOptions
-from caffeonnx.converter.onnx_to_caffe import load_onnx
+from caffeonnx.converter.onnx_io import load_onnx
 from caffeonnx.converter.params import ParamTable
 from caffeonnx.proto import caffe_pb2
 

@@ -9,18 +9,33 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import ModelProto, TensorProto, helper, numpy_helper
 
-from caffeonnx.errors import CaffeOnnxError
+from caffeonnx.errors import CaffeOnnxError, InputFileError
 from caffeonnx.fileio import atomic_write
 from caffeonnx.wire import length_delimited
 
 _GRAPH_FIELD = 7  # ModelProto.graph
 _INIT_FIELD = 5  # GraphProto.initializer
 _RAW_FIELD = 9  # TensorProto.raw_data
+
+
+def load_onnx(path: str | os.PathLike[str], what: str = "ONNX model") -> ModelProto:
+    """Load an .onnx file with a one-line error when it is missing, unreadable or not ONNX."""
+    p = Path(path)
+    if not p.is_file():
+        raise InputFileError(f"{what} {str(p)!r} does not exist; check the path")
+    try:
+        model = onnx.load(str(p))
+    except Exception as exc:  # noqa: BLE001 - protobuf raises several types for garbage
+        raise InputFileError(f"{p}: not a readable ONNX model ({type(exc).__name__}: {exc})") from None
+    if not model.graph.node:
+        raise InputFileError(f"{p}: not an ONNX model (its graph has no nodes)")
+    return model
 
 
 def tensor_header(name: str, array: np.ndarray) -> TensorProto:

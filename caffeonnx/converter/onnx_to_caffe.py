@@ -11,17 +11,16 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
-import onnx
 from google.protobuf import text_format
 from onnx import ModelProto, numpy_helper
 
 from caffeonnx.converter import metadata
 from caffeonnx.converter.caffe_io import write_caffemodel_to
 from caffeonnx.converter.caffe_to_onnx import has_params
-from caffeonnx.errors import CaffeOnnxError, InputFileError
+from caffeonnx.converter.onnx_io import load_onnx
+from caffeonnx.errors import CaffeOnnxError
 from caffeonnx.fileio import atomic_write
 from caffeonnx.proto import caffe_pb2
 
@@ -41,20 +40,6 @@ class CaffeNet:
             if caffemodel is not None:
                 weights_fh = stack.enter_context(atomic_write(caffemodel))
                 write_caffemodel_to(weights_fh, self.net, self.blobs)
-
-
-def load_onnx(path: str | os.PathLike[str]) -> ModelProto:
-    """Load an .onnx file with a clear error when it is missing or not ONNX."""
-    p = Path(path)
-    if not p.is_file():
-        raise InputFileError(f"ONNX model {str(p)!r} does not exist; check the path")
-    try:
-        model = onnx.load(str(p))
-    except Exception as exc:  # noqa: BLE001 - protobuf raises several types for garbage
-        raise InputFileError(f"{p}: not a readable ONNX model ({type(exc).__name__}: {exc})") from None
-    if not model.graph.node:
-        raise InputFileError(f"{p}: not an ONNX model (its graph has no nodes)")
-    return model
 
 
 def initializer_arrays(model: ModelProto) -> dict[str, np.ndarray]:

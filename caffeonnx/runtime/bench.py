@@ -25,9 +25,10 @@ import onnxruntime as ort
 import torch
 from onnx import ModelProto
 
+from caffeonnx.converter.onnx_io import load_onnx
 from caffeonnx.errors import CaffeOnnxError
 from caffeonnx.runtime.child import serve_in_child
-from caffeonnx.runtime.encoder import extract_encoder, load_model, save_model
+from caffeonnx.runtime.encoder import extract_encoder, save_model
 from caffeonnx.runtime.loadgen import LoadResult, infer_request_bytes, run_load
 from caffeonnx.runtime.session import EncoderSession, SessionConfig
 from caffeonnx.runtime.torch_encoder import TorchEncoder
@@ -226,7 +227,7 @@ def run_bench(model_path: Path | None = None, threads: int = 1, large_batch: int
             save_model(models[label], server_path)
         else:
             label = str(model_path)
-            models, server_path = {label: load_model(model_path)}, model_path
+            models, server_path = {label: load_onnx(model_path)}, model_path
         summaries = [_engine_summary(name, bench_engines(m, threads, large_batch, seed=seed))
                      for name, m in models.items()]
         served = bench_server(server_path, concurrencies, seconds, threads, max_batch, max_delay_ms, seed=seed) \

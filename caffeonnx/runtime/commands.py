@@ -41,9 +41,10 @@ def encoder(
     """Cut an autoencoder at its code blob: keep the encoder, drop decoder and loss."""
     import onnx
 
-    from caffeonnx.runtime.encoder import extract_encoder, load_model, save_model
+    from caffeonnx.converter.onnx_io import load_onnx
+    from caffeonnx.runtime.encoder import extract_encoder, save_model
 
-    enc, choice = extract_encoder(load_model(model), code)
+    enc, choice = extract_encoder(load_onnx(model), code)
     onnx.checker.check_model(enc, full_check=True)
     save_model(enc, output)
     how = "named with --code" if choice.reconstruction is None else f"narrowest on the path to {choice.reconstruction!r}"

@@ -29,16 +29,14 @@ import os
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
 
 import onnx
 from google.protobuf import text_format
-from google.protobuf.message import DecodeError
 from onnx import GraphProto, ModelProto, NodeProto, ValueInfoProto, numpy_helper
 
 from caffeonnx.converter import metadata
-from caffeonnx.converter.onnx_io import save_streaming
-from caffeonnx.errors import CaffeOnnxError, InputFileError
+from caffeonnx.converter.onnx_io import load_onnx, save_streaming
+from caffeonnx.errors import CaffeOnnxError
 
 KEY_ENCODER = "caffeonnx.encoder"
 
@@ -52,16 +50,6 @@ class CodeChoice:
     code: str
     width: int | None  # values per sample of the code blob (None: not statically known)
 
-
-def load_model(path: str | os.PathLike[str]) -> ModelProto:
-    """Read an .onnx file with a one-line error when it is missing or not ONNX."""
-    p = Path(path)
-    if not p.is_file():
-        raise InputFileError(f"ONNX model {str(p)!r} does not exist; check the path")
-    try:
-        return onnx.load(str(p))
-    except (DecodeError, OSError, ValueError) as exc:
-        raise InputFileError(f"{p}: not a readable ONNX model ({type(exc).__name__}: {exc})") from None
 
 
 def _value_infos(model: ModelProto) -> dict[str, ValueInfoProto]:
@@ -308,7 +296,7 @@ def extract_encoder_file(
     src: str | os.PathLike[str], dst: str | os.PathLike[str], code: str | None = None
 ) -> CodeChoice:
     """Read `src`, cut it at its code blob, check the result and write it to `dst` atomically."""
-    model = load_model(src)
+    model = load_onnx(src)
     enc, choice = extract_encoder(model, code)
     onnx.checker.check_model(enc, full_check=True)
     save_model(enc, dst)

@@ -25,8 +25,8 @@ import numpy as np
 import onnxruntime as ort
 from onnx import ModelProto, TensorProto, helper
 
+from caffeonnx.converter.onnx_io import load_onnx
 from caffeonnx.errors import CaffeOnnxError, TensorError, UnsupportedError
-from caffeonnx.runtime.encoder import load_model
 
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
@@ -128,7 +128,7 @@ class EncoderSession:
         self.config = cfg = config or SessionConfig()
         if cfg.device not in DEVICES:
             raise CaffeOnnxError(f"device must be one of {DEVICES}, got {cfg.device!r}")
-        proto = model if isinstance(model, ModelProto) else load_model(model)
+        proto = model if isinstance(model, ModelProto) else load_onnx(model)
         self.source = "<model>" if isinstance(model, ModelProto) else str(Path(model))
         self._sess, self.provider = self._create(proto, cfg)
         if cfg.fp16 and self.provider != CUDA:

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import onnxruntime as ort
 
+from caffeonnx.converter.onnx_io import load_onnx
 from caffeonnx.errors import CaffeOnnxError, UnsupportedError
 from caffeonnx.fileio import write_bytes_atomic
-from caffeonnx.runtime.encoder import load_model
 from caffeonnx.runtime.protocol import check_model_name, triton_config
 from caffeonnx.runtime.session import _spec
 
@@ -58,7 +58,7 @@ def export_triton(model_path: str | os.PathLike[str], repo_dir: str | os.PathLik
     check_model_name(name)
     if max_batch < 0 or max_delay_us < 0:
         raise CaffeOnnxError(f"--max-batch and the queue delay must be >= 0, got {max_batch} and {max_delay_us}")
-    model = load_model(src)
+    model = load_onnx(src)
     if any(t.data_location == 1 for t in model.graph.initializer):  # TensorProto.EXTERNAL
         raise UnsupportedError(f"{src} keeps its weights in external data files; save it with the weights inline")
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])

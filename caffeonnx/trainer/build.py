@@ -10,14 +10,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import onnx
-from google.protobuf.message import DecodeError
 from onnx import numpy_helper
 
 from caffeonnx.converter import metadata
 from caffeonnx.converter.caffe_io import Blob, CaffeWeights, read_prototxt
 from caffeonnx.converter.caffe_to_onnx import convert_net, load_weights
 from caffeonnx.converter.context import ConvertOptions
+from caffeonnx.converter.onnx_io import load_onnx
 from caffeonnx.converter.upgrade import upgrade_net
 from caffeonnx.errors import InputFileError, SolverError, WeightsError
 from caffeonnx.proto import caffe_pb2
@@ -87,12 +86,7 @@ def train_net(param: caffe_pb2.SolverParameter, solver_path: str | os.PathLike[s
 def weights_from_onnx(path: str | os.PathLike[str]) -> CaffeWeights:
     """A caffeonnx-written .onnx as Caffe weights: each initializer given to every layer that uses it."""
     p = Path(path)
-    if not p.is_file():
-        raise InputFileError(f"weights {str(p)!r} do not exist; check the path")
-    try:
-        model = onnx.load(str(p))
-    except (DecodeError, ValueError, OSError) as exc:
-        raise InputFileError(f"{p}: not a readable ONNX model ({type(exc).__name__}: {exc})") from None
+    model = load_onnx(p, what="weights")
     records = metadata.param_records(model)
     net = metadata.caffe_net_from(model)
     if not records or net is None:
