@@ -152,7 +152,7 @@ class ServerResult:
 
 def bench_server(model_path: Path, concurrencies: Sequence[int] = (1, 8, 32), seconds: float = 3.0,
                  threads: int = 1, max_batch: int = 64, max_delay_ms: float = 1.0, *, rounds: int = SERVER_ROUNDS,
-                 seed: int = 0) -> list[ServerResult]:
+                 seed: int = 0, device: str = "cpu") -> list[ServerResult]:
     """Two servers, batching on and off, under closed-loop load of batch-1 binary requests.
 
     Both run at once but are loaded in turn, in `rounds` short windows per concurrency, so that a change in
@@ -164,8 +164,8 @@ def bench_server(model_path: Path, concurrencies: Sequence[int] = (1, 8, 32), se
     session = EncoderSession(model_path, SessionConfig(device="cpu", warmup=()))
     x = np.random.default_rng(seed).random((1, *session.input.sample_shape), dtype=np.float32)
     common = ["--threads", str(threads), "--max-batch", str(max_batch), "--max-delay-ms", str(max_delay_ms)]
-    with serve_in_child(model_path, "enc", *common, "--batching") as srv_on, \
-            serve_in_child(model_path, "enc", *common, "--no-batching") as srv_off:
+    with serve_in_child(model_path, "enc", *common, "--batching", device=device) as srv_on, \
+            serve_in_child(model_path, "enc", *common, "--no-batching", device=device) as srv_off:
         on, off = srv_on.port, srv_off.port
         ports = {True: on, False: off}
         requests = {b: infer_request_bytes("127.0.0.1", p, "enc", session.input.name, session.output.name, x)
@@ -212,13 +212,17 @@ def _engine_summary(label: str, engines: list[EngineResult]) -> dict:
 
 def run_bench(model_path: Path | None = None, threads: int = 1, large_batch: int = 4096,
               concurrencies: Sequence[int] = (1, 8, 32), seconds: float = 3.0, server: bool = True,
-              max_batch: int = 64, max_delay_ms: float = 1.0, seed: int = 0) -> dict:
+              max_batch: int = 64, max_delay_ms: float = 1.0, seed: int = 0, device: str = "cpu") -> dict:
     """The whole benchmark in one run, with the ratios the issue's targets are about.
 
     Without `model_path` the engines run two encoders with seeded weights, the deep_tied_ae shape
     (784-128-64-32-8: per-call overhead dominates) and the MNIST deep autoencoder (784-1000-500-250-30:
-    5.6 MB of weights, memory-bound at batch 1); the server runs the larger one.
+    5.6 MB of weights, memory-bound at batch 1); the server runs the larger one.  With `device="cuda"`
+    the CPU engines are followed by both engines on the GPU (bench_cuda) for the larger encoder, and
+    the servers run on the GPU.
     """
+    if device not in ("cpu", "cuda"):
+        raise CaffeOnnxError(f"bench --device must be cpu or cuda, got {device!r}")
     with tempfile.TemporaryDirectory() as tmp:
         if model_path is None:
             models = {"-".join(map(str, sizes)): deep_ae_encoder(seed, sizes) for sizes in SMALL_AND_LARGE}
@@ -230,18 +234,23 @@ def run_bench(model_path: Path | None = None, threads: int = 1, large_batch: int
             models, server_path = {label: load_onnx(model_path)}, model_path
         summaries = [_engine_summary(name, bench_engines(m, threads, large_batch, seed=seed))
                      for name, m in models.items()]
-        served = bench_server(server_path, concurrencies, seconds, threads, max_batch, max_delay_ms, seed=seed) \
-            if server else []
+        gpu = None
+        if device == "cuda":
+            from caffeonnx.runtime.bench_cuda import bench_cuda_engines
+
+            gpu = {"model": label, **bench_cuda_engines(models[label], large_batch, seed=seed)}
+        served = bench_server(server_path, concurrencies, seconds, threads, max_batch, max_delay_ms, seed=seed,
+                              device=device) if server else []
     result: dict = {
         "models": summaries, "threads": threads, "large_batch": large_batch, "machine": machine(),
-        "targets": TARGETS, "when": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "server": None,
+        "targets": TARGETS, "when": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "server": None, "cuda": gpu,
     }
     if served:
         top = max(concurrencies)
         on = next(r for r in served if r.batching and r.concurrency == top)
         off = next(r for r in served if not r.batching and r.concurrency == top)
         speedup = on.requests_per_s / off.requests_per_s
-        result["server"] = {"model": label, "seconds": seconds, "max_batch": max_batch, "max_delay_ms": max_delay_ms,
+        result["server"] = {"model": label, "device": device, "seconds": seconds, "max_batch": max_batch, "max_delay_ms": max_delay_ms,
                             "points": [asdict(r) for r in served], "top_concurrency": top,
                             "batching_speedup": speedup,
                             "passed": speedup >= TARGETS["batching_speedup_min"]}
@@ -264,8 +273,10 @@ def render_markdown(result: dict) -> str:
                          f"{e['throughput']:,.0f} |")
     srv = result["server"]
     if srv:
-        title = (f"## Server ({srv['model']}; batch-1 binary requests; {srv['seconds']:g} s per point in {SERVER_ROUNDS} "
-                 f"alternating windows; max batch {srv['max_batch']}, max delay {srv['max_delay_ms']:g} ms)")
+        where = f" on {srv['device']}" if srv.get("device", "cpu") != "cpu" else ""
+        title = (f"## Server{where} ({srv['model']}; batch-1 binary requests; {srv['seconds']:g} s per point in "
+                 f"{SERVER_ROUNDS} alternating windows; max batch {srv['max_batch']}, max delay "
+                 f"{srv['max_delay_ms']:g} ms)")
         lines += ["", title, "", "| batching | concurrency | req/s | p50 ms | p99 ms | errors |", "|---|---:|---:|---:|---:|---:|"]
         for p in srv["points"]:
             lines.append(f"| {'on' if p['batching'] else 'off'} | {p['concurrency']} | {p['requests_per_s']:,.0f} | "
@@ -280,4 +291,8 @@ def render_markdown(result: dict) -> str:
         lines.append(f"| server req/s, batching on / off, concurrency {srv['top_concurrency']} | "
                      f"{srv['batching_speedup']:.2f} | >= {t['batching_speedup_min']} | "
                      f"{'yes' if srv['passed'] else 'NO'} |")
+    if result.get("cuda"):
+        from caffeonnx.runtime.bench_cuda import render_cuda_markdown
+
+        lines += ["", render_cuda_markdown(result["cuda"]).rstrip("\n")]
     return "\n".join(lines) + "\n"

@@ -137,6 +137,8 @@ def bench(
     max_delay_ms: Annotated[float, typer.Option("--max-delay-ms", help="The server's batching delay.")] = 1.0,
     output: Annotated[Path | None, typer.Option("-o", "--output", help="Write the results here (.json, plus a "
                                                 ".md beside it).")] = None,
+    device: Annotated[str, typer.Option("--device", help="cpu, or cuda: also both engines on the GPU "
+                                        "(IOBinding + CUDA graphs, fp32/TF32/fp16) and the servers on it.")] = "cpu",
 ) -> None:
     """ONNX Runtime vs torch eager on one encoder, and the server under load with batching on and off."""
     import json
@@ -153,7 +155,8 @@ def bench(
     if threads < 1 or large_batch < 1 or seconds <= 0 or not levels or min(levels) < 1:
         raise CaffeOnnxError("--threads, --large-batch, --seconds and every --concurrency must be positive")
     with err.status("benchmarking (engines, then the server)"):
-        result = run_bench(model, threads, large_batch, levels, seconds, server, max_batch, max_delay_ms)
+        result = run_bench(model, threads, large_batch, levels, seconds, server, max_batch, max_delay_ms,
+                           device=device)
     report = render_markdown(result)
     out.print(Markdown(report))
     if output is not None:

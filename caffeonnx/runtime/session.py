@@ -13,7 +13,9 @@ CPU path: plain `run` (or the same IOBinding code on CPU buffers when asked).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
+import io
 import math
 import os
 import threading
@@ -95,6 +97,9 @@ def cuda_available() -> bool:
     """Whether the CUDA execution provider starts here (GPU present, CUDA and cuDNN libraries found)."""
     if CUDA not in ort.get_available_providers():
         return False
+    if hasattr(ort, "preload_dlls"):  # CUDA/cuDNN from the nvidia-* wheels (or torch's), when installed
+        with contextlib.redirect_stdout(io.StringIO()):  # it prints advice when a library is missing
+            ort.preload_dlls()
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
     probe = helper.make_model(helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "probe", [x],
                                                 [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])]),
@@ -119,6 +124,10 @@ class _Bound:
         self.binding.bind_ortvalue_output(out.name, self.output)
         self.options = ort.RunOptions()
         self.options.add_run_config_entry("gpu_graph_id", str(graph_id))
+        # the same run, returning once queued: the caller synchronises (a later synchronised run, or a copy out)
+        self.queued = ort.RunOptions()
+        self.queued.add_run_config_entry("gpu_graph_id", str(graph_id))
+        self.queued.add_run_config_entry("disable_synchronize_execution_providers", "1")
 
 
 class EncoderSession:
@@ -160,8 +169,6 @@ class EncoderSession:
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.add_session_config_entry("session.intra_op.allow_spinning", "1" if cfg.spin else "0")
-        if cfg.device == "cuda" and CUDA in ort.get_available_providers() and hasattr(ort, "preload_dlls"):
-            ort.preload_dlls()  # CUDA/cuDNN from the nvidia-* wheels when they are installed
         if cfg.device in ("auto", "cuda") and cuda_available():
             from caffeonnx.runtime.fp16 import to_fp16
 
@@ -233,13 +240,18 @@ class EncoderSession:
             bound = self._binding(batch)
         return bound.input, bound.output
 
-    def run_bound(self, batch: int) -> None:
-        """Run the model on the bound buffers of `batch` rows (see `device_buffers`)."""
+    def run_bound(self, batch: int, wait: bool = True) -> None:
+        """Run the model on the bound buffers of `batch` rows (see `device_buffers`).
+
+        `wait=False` returns once the run is queued on the device, so back-to-back runs overlap their
+        launch overhead with the previous run's kernels; a later `run_bound(..., wait=True)` (same device
+        stream) returns only when every queued run has finished.
+        """
         with self._lock:
             bound = self._bound.get(batch)
             if bound is None:
                 raise CaffeOnnxError(f"no buffers are bound for batch {batch}; call device_buffers({batch}) first")
-            self._sess.run_with_iobinding(bound.binding, bound.options)
+            self._sess.run_with_iobinding(bound.binding, bound.options if wait else bound.queued)
 
     def _binding(self, batch: int) -> _Bound:
         """The bound buffers for `batch` rows (made on first use; captured sizes get a CUDA graph id)."""
