@@ -2,7 +2,7 @@
 # The GPU checks and benchmarks, run from the repository root on a GPU machine whose Python has torch with
 # CUDA but neither onnxruntime-gpu nor some of caffeonnx's dependencies (the lent machine's image):
 #   .ortgpu/part-*  the onnxruntime-gpu wheel in pieces (../shared/tools/ort-gpu-chunks.sh makes them)
-#   .whl/*.whl      protobuf 7, typer, starlette, uvicorn, lmdb wheels for that Python
+#   .whl/*.whl      protobuf 7, starlette, uvicorn, lmdb wheels for that Python
 # Usage: bash benchmarks/gpu_session.sh [tests|bench|suite|all]   (results go to $OUT, default ./gpu-out)
 # Each step runs even when an earlier one fails; the exit status is the number of failed steps.
 set -u
@@ -21,7 +21,8 @@ step() {  # step NAME COMMAND...: run, log to $OUT/NAME.log, count a failure
     [ "$rc" -eq 0 ] || failed=$((failed + 1))
 }
 if [ ! -d /tmp/ortgpu ]; then
-    cat .ortgpu/part-* > /tmp/ort.whl && python3 -m pip install -q --no-deps --target /tmp/ortgpu /tmp/ort.whl
+    wheel=/tmp/onnxruntime_gpu-1.31.1-cp312-cp312-manylinux_2_27_x86_64.whl  # pip wants a wheel's own file name
+    cat .ortgpu/part-* > $wheel && python3 -m pip install -q --no-deps --target /tmp/ortgpu $wheel
 fi
 if [ ! -d /tmp/site ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
@@ -34,7 +35,8 @@ o.get_available_providers(), '| torch', torch.__version__, torch.cuda.get_device
 } 2>&1 | tee "$OUT/env.txt"
 if [ "$what" = tests ] || [ "$what" = all ]; then
     step tests python3 -m pytest -q -p no:cacheprovider -rs tests/runtime/test_cuda.py tests/trainer/test_cuda.py \
-        tests/runtime/test_session.py tests/runtime/test_encode.py
+        tests/runtime/test_session.py tests/runtime/test_encode.py \
+        tests/runtime/test_bias_split.py tests/runtime/test_bench.py
 fi
 if [ "$what" = bench ] || [ "$what" = all ]; then
     step bench_runtime python3 benchmarks/runtime_bench.py --device cuda --seconds 3

@@ -170,10 +170,12 @@ class EncoderSession:
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.add_session_config_entry("session.intra_op.allow_spinning", "1" if cfg.spin else "0")
         if cfg.device in ("auto", "cuda") and cuda_available():
+            from caffeonnx.runtime.bias_split import DISABLED_FUSIONS, split_gemm_bias
             from caffeonnx.runtime.fp16 import to_fp16
 
-            gpu_model = to_fp16(model) if cfg.fp16 else model
-            sess = ort.InferenceSession(gpu_model.SerializeToString(), so, providers=[(CUDA, _cuda_options(cfg)), CPU])
+            gpu_model = split_gemm_bias(to_fp16(model) if cfg.fp16 else model)
+            sess = ort.InferenceSession(gpu_model.SerializeToString(), so, providers=[(CUDA, _cuda_options(cfg)), CPU],
+                                        disabled_optimizers=list(DISABLED_FUSIONS))
             if sess.get_providers()[0] == CUDA:
                 return sess, CUDA
         if cfg.device == "cuda":

@@ -41,35 +41,36 @@ class TorchEncoder(torch.nn.Module):
         self.output_name = g.output[0].name
         self._steps = [self._step(node) for node in g.node]
 
-    def _value(self, env: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+    def _getter(self, name: str) -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:
+        """Reads `name`: a weight is looked up once, here, not on every call (Module.to keeps the Parameter)."""
         key = self._names.get(name)
-        return self.weights[key] if key is not None else env[name]
+        if key is None:
+            return lambda env: env[name]
+        weight = self.weights[key]
+        return lambda env: weight
 
     def _step(self, node) -> Step:  # type: ignore[no-untyped-def]
         """A closure computing `node`'s output into the value environment."""
-        a, ins, out = _attrs(node), list(node.input), node.output[0]
+        a, out = _attrs(node), node.output[0]
+        ins = [self._getter(n) if n else None for n in node.input]
         op = node.op_type
         if op == "Gemm":
             if a.get("transA", 0) or a.get("alpha", 1.0) != 1.0 or a.get("beta", 1.0) != 1.0:
                 raise UnsupportedError(f"TorchEncoder: Gemm {node.name!r} with transA/alpha/beta is not covered")
-            trans_b = a.get("transB", 0)
-
-            def gemm(env: dict[str, torch.Tensor]) -> None:
-                w = self._value(env, ins[1])
-                b = self._value(env, ins[2]) if len(ins) > 2 and ins[2] else None
-                env[out] = F.linear(env[ins[0]], w if trans_b else w.t(), b)
-            return gemm
+            x, w, b = ins[0], ins[1], ins[2] if len(ins) > 2 else None
+            if a.get("transB", 0):
+                return lambda env: env.__setitem__(out, F.linear(x(env), w(env), b(env) if b else None))
+            return lambda env: env.__setitem__(out, F.linear(x(env), w(env).t(), b(env) if b else None))
         unary = {"Sigmoid": torch.sigmoid, "Relu": torch.relu, "Tanh": torch.tanh, "Identity": lambda x: x}
         if op in unary:
-            fn = unary[op]
-            return lambda env: env.__setitem__(out, fn(self._value(env, ins[0])))
-        if op == "MatMul":
-            return lambda env: env.__setitem__(out, self._value(env, ins[0]) @ self._value(env, ins[1]))
-        if op == "Add":
-            return lambda env: env.__setitem__(out, self._value(env, ins[0]) + self._value(env, ins[1]))
+            fn, x = unary[op], ins[0]
+            return lambda env: env.__setitem__(out, fn(x(env)))
+        if op in ("MatMul", "Add"):
+            fn, x, y = (torch.matmul if op == "MatMul" else torch.add), ins[0], ins[1]
+            return lambda env: env.__setitem__(out, fn(x(env), y(env)))
         if op == "Flatten":
-            axis = a.get("axis", 1)
-            return lambda env: env.__setitem__(out, torch.flatten(self._value(env, ins[0]), axis))
+            axis, x = a.get("axis", 1), ins[0]
+            return lambda env: env.__setitem__(out, torch.flatten(x(env), axis))
         raise UnsupportedError(f"TorchEncoder covers Gemm/MatMul/Add/Sigmoid/Relu/Tanh/Identity/Flatten, not {op!r} "
                                f"(node {node.name!r})")
 
