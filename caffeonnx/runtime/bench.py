@@ -217,9 +217,15 @@ def _engine_summary(label: str, engines: list[EngineResult]) -> dict:
                        "latency_ratio": latency <= TARGETS["latency_ratio_max"]}}
 
 
-def run_bench(model_path: Path | None = None, threads: int = 1, large_batch: int = 4096,
+def default_threads() -> tuple[int, ...]:
+    """1 thread (per-core efficiency) and every core (what each engine does out of the box)."""
+    return tuple(dict.fromkeys((1, os.cpu_count() or 1)))
+
+
+def run_bench(model_path: Path | None = None, threads: Sequence[int] = (1,), large_batch: int = 4096,
               concurrencies: Sequence[int] = (1, 8, 32), seconds: float = 3.0, server: bool = True,
-              max_batch: int = 64, max_delay_ms: float = 1.0, seed: int = 0, device: str = "cpu") -> dict:
+              max_batch: int = 64, max_delay_ms: float = 1.0, seed: int = 0, device: str = "cpu",
+              server_threads: int = 1) -> dict:
     """The whole benchmark in one run, with the ratios the issue's targets are about.
 
     Without `model_path` the engines run two encoders with seeded weights, the deep_tied_ae shape
@@ -239,17 +245,18 @@ def run_bench(model_path: Path | None = None, threads: int = 1, large_batch: int
         else:
             label = str(model_path)
             models, server_path = {label: load_onnx(model_path)}, model_path
-        summaries = [_engine_summary(name, bench_engines(m, threads, large_batch, seed=seed))
-                     for name, m in models.items()]
+        summaries = [{"threads": t, **_engine_summary(name, bench_engines(m, t, large_batch, seed=seed))}
+                     for t in threads for name, m in models.items()]
         gpu = None
         if device == "cuda":
             from caffeonnx.runtime.bench_cuda import bench_cuda_engines
 
             gpu = {"model": label, **bench_cuda_engines(models[label], large_batch, seed=seed)}
-        served = bench_server(server_path, concurrencies, seconds, threads, max_batch, max_delay_ms, seed=seed,
-                              device=device) if server else []
+        served = bench_server(server_path, concurrencies, seconds, server_threads, max_batch, max_delay_ms,
+                              seed=seed, device=device) if server else []
     result: dict = {
-        "models": summaries, "threads": threads, "large_batch": large_batch, "machine": machine(),
+        "models": summaries, "threads": list(threads), "server_threads": server_threads,
+        "large_batch": large_batch, "machine": machine(),
         "targets": TARGETS, "when": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "server": None, "cuda": gpu,
     }
     if served:
@@ -269,15 +276,16 @@ def render_markdown(result: dict) -> str:
     m, t = result["machine"], result["targets"]
     setup = (f"CPU: {m['cpu']} ({m['cpus_visible']} visible, shared; 1-min load average {m['load_average_1m']:.2f} "
              f"at the end); onnxruntime {m['onnxruntime']}, torch {m['torch']}, Python {m['python']}; "
-             f"{result['threads']} thread(s) per engine and for the server. Encoders: tied deep autoencoders, "
+             f"engines compared at the same thread count ({', '.join(map(str, result['threads']))}); the server "
+             f"runs {result['server_threads']} thread(s). Encoders: tied deep autoencoders, "
              "sigmoid hidden layers, linear code, seeded filler weights.")
     lines = [f"# Runtime benchmark ({result['when']})", "", setup, "",
              f"## Engines (batch-1 latency, batch-{result['large_batch']} throughput)", "",
-             "| encoder | engine | p50 µs | p99 µs | samples/s |", "|---|---|---:|---:|---:|"]
+             "| encoder | threads | engine | p50 µs | p99 µs | samples/s |", "|---|---:|---|---:|---:|---:|"]
     for s in result["models"]:
         for e in s["engines"]:
-            lines.append(f"| {s['model']} | {e['engine']} | {e['latency_p50_us']:.1f} | {e['latency_p99_us']:.1f} | "
-                         f"{e['throughput']:,.0f} |")
+            lines.append(f"| {s['model']} | {s['threads']} | {e['engine']} | {e['latency_p50_us']:.1f} | "
+                         f"{e['latency_p99_us']:.1f} | {e['throughput']:,.0f} |")
     srv = result["server"]
     if srv:
         where = f" on {srv['device']}" if srv.get("device", "cpu") != "cpu" else ""
@@ -290,10 +298,12 @@ def render_markdown(result: dict) -> str:
                          f"{p['p50_ms']:.2f} | {p['p99_ms']:.2f} | {p['errors']} |")
     lines += ["", "## Ratios vs targets", "", "| ratio | value | target | met |", "|---|---:|---|---|"]
     for s in result["models"]:
-        lines.append(f"| {s['model']}: ORT / torch large-batch throughput | {s['throughput_ratio']:.2f} | "
+        lines.append(f"| {s['model']}, {s['threads']} thread(s): ORT / torch large-batch throughput | "
+                     f"{s['throughput_ratio']:.2f} | "
                      f">= {t['throughput_ratio_min']} | {'yes' if s['passed']['throughput_ratio'] else 'NO'} |")
         q1, q3 = s["latency_ratio_quartiles"]
-        lines.append(f"| {s['model']}: ORT / torch batch-1 p50 latency (median of rounds; IQR {q1:.2f}-{q3:.2f}) | "
+        lines.append(f"| {s['model']}, {s['threads']} thread(s): ORT / torch batch-1 p50 latency (median of "
+                     f"rounds; IQR {q1:.2f}-{q3:.2f}) | "
                      f"{s['latency_ratio']:.2f} | "
                      f"<= {t['latency_ratio_max']} | {'yes' if s['passed']['latency_ratio'] else 'NO'} |")
     if srv:

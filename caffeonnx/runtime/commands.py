@@ -128,7 +128,9 @@ def serve(
 def bench(
     model: Annotated[Path | None, typer.Argument(help="Encoder .onnx (default: a 784-1000-500-250-30 deep AE "
                                                  "encoder with seeded weights).")] = None,
-    threads: Annotated[int, typer.Option("--threads", help="Threads per engine and for the server.")] = 1,
+    threads: Annotated[str | None, typer.Option("--threads", help="Thread counts to compare the engines at, "
+                                                "comma-separated (default: 1 and every core).")] = None,
+    server_threads: Annotated[int, typer.Option("--server-threads", help="The server's intra-op threads.")] = 1,
     large_batch: Annotated[int, typer.Option("--large-batch", help="Batch of the throughput test.")] = 4096,
     concurrency: Annotated[str, typer.Option("--concurrency", help="Server load sweep, comma-separated.")] = "1,8,32",
     seconds: Annotated[float, typer.Option("--seconds", help="Load time per server point.")] = 3.0,
@@ -146,17 +148,20 @@ def bench(
     from rich.markdown import Markdown
 
     from caffeonnx.fileio import write_bytes_atomic
-    from caffeonnx.runtime.bench import render_markdown, run_bench
+    from caffeonnx.runtime.bench import default_threads, render_markdown, run_bench
 
     try:
         levels = tuple(int(c) for c in concurrency.split(","))
+        counts = default_threads() if threads is None else tuple(int(t) for t in threads.split(","))
     except ValueError:
-        raise CaffeOnnxError(f"--concurrency expects integers like 1,8,32, got {concurrency!r}") from None
-    if threads < 1 or large_batch < 1 or seconds <= 0 or not levels or min(levels) < 1:
-        raise CaffeOnnxError("--threads, --large-batch, --seconds and every --concurrency must be positive")
+        raise CaffeOnnxError(f"--concurrency and --threads expect integers like 1,8,32, got {concurrency!r} and "
+                             f"{threads!r}") from None
+    if min(counts) < 1 or server_threads < 1 or large_batch < 1 or seconds <= 0 or not levels or min(levels) < 1:
+        raise CaffeOnnxError("--threads, --server-threads, --large-batch, --seconds and every --concurrency must "
+                             "be positive")
     with err.status("benchmarking (engines, then the server)"):
-        result = run_bench(model, threads, large_batch, levels, seconds, server, max_batch, max_delay_ms,
-                           device=device)
+        result = run_bench(model, counts, large_batch, levels, seconds, server, max_batch, max_delay_ms,
+                           device=device, server_threads=server_threads)
     report = render_markdown(result)
     out.print(Markdown(report))
     if output is not None:

@@ -10,7 +10,7 @@ import torch
 from typer.testing import CliRunner
 
 from caffeonnx.cli import app
-from caffeonnx.errors import UnsupportedError
+from caffeonnx.errors import CaffeOnnxError, UnsupportedError
 from caffeonnx.runtime.bench import deep_ae_encoder, render_markdown, run_bench
 from caffeonnx.runtime.session import EncoderSession, SessionConfig
 from caffeonnx.runtime.torch_encoder import TorchEncoder
@@ -50,8 +50,9 @@ def test_torch_baseline_refuses_ops_it_does_not_cover() -> None:
 
 
 def test_engine_bench_reports_ratios_and_markdown(deep_encoder_path: Path) -> None:
-    result = run_bench(deep_encoder_path, threads=1, large_batch=256, server=False)
-    [summary] = result["models"]
+    result = run_bench(deep_encoder_path, threads=(1, 2), large_batch=256, server=False)
+    assert [s["threads"] for s in result["models"]] == [1, 2]
+    summary = result["models"][0]
     assert [e["engine"] for e in summary["engines"]] == ["onnxruntime", "torch eager"]
     for e in summary["engines"]:
         assert 0 < e["latency_p50_us"] <= e["latency_p99_us"] and e["throughput"] > 0, e
@@ -64,11 +65,24 @@ def test_engine_bench_reports_ratios_and_markdown(deep_encoder_path: Path) -> No
     assert summary["passed"]["latency_ratio"] == (summary["latency_ratio"] <= 0.5)
     assert result["server"] is None
     report = render_markdown(result)
-    assert f"| {deep_encoder_path} | onnxruntime |" in report and "ORT / torch batch-1 p50 latency (median of rounds; IQR" in report
+    assert f"| {deep_encoder_path} | 1 | onnxruntime |" in report and f"| {deep_encoder_path} | 2 | torch eager |" in report
+    assert f"{deep_encoder_path}, 2 thread(s): ORT / torch batch-1 p50 latency (median of rounds; IQR" in report
 
 
 def test_cli_bench_writes_json_and_markdown(deep_encoder_path: Path, tmp_path: Path) -> None:
     res = CliRunner().invoke(app, ["bench", str(deep_encoder_path), "--no-server", "--large-batch", "128",
-                                   "-o", str(tmp_path / "r.json")])
+                                   "--threads", "1", "-o", str(tmp_path / "r.json")])
     assert res.exit_code == 0, res.output
     assert (tmp_path / "r.json").exists() and "Ratios vs targets" in (tmp_path / "r.md").read_text()
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--threads", "1,x"], "--concurrency and --threads expect integers like 1,8,32"),
+    (["--threads", "0"], "--threads, --server-threads, --large-batch, --seconds and every --concurrency must be"),
+    (["--device", "tpu"], "bench --device must be cpu or cuda, got 'tpu'"),
+])
+def test_cli_bench_bad_options_are_user_errors(deep_encoder_path: Path, args: list[str], says: str) -> None:
+    """Refused before any measuring, as CaffeOnnxError (which the CLI prints as one line, exit 2)."""
+    res = CliRunner().invoke(app, ["bench", str(deep_encoder_path), "--no-server", *args])
+    assert isinstance(res.exception, CaffeOnnxError), res.exception
+    assert says in str(res.exception)
