@@ -26,6 +26,9 @@ from caffeonnx.trainer.lr_policy import LearningRate
 
 Tensor = torch.Tensor
 
+# torch.optim.SGD(fused=True)'s kernel: one pass per blob instead of four elementwise ops.
+_FUSED_SGD = getattr(torch, "_fused_sgd_", None)
+
 # SolverParameter.solver_type (deprecated enum) -> the `type` string Caffe upgrades it to.
 _LEGACY_TYPES = {
     caffe_pb2.SolverParameter.SGD: "SGD",
@@ -80,14 +83,47 @@ class SGDSolver:
         # The diffs are the solver's to change in place, as Caffe's are: the caller zeroes them per iteration.
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for _, p in self.blobs]
         self.clip(grads)
+        fused: dict[tuple[float, float, torch.device, torch.dtype], list[int]] = {}
         for i, ((info, p), g) in enumerate(zip(self.blobs, grads)):
             if info.lr_mult == 0:
                 continue  # Caffe's update is exactly zero: every rule below scales by rate·lr_mult
-            g = self.regularize(info, p, self.normalize(g))
             local_rate = float(np.float32(rate) * np.float32(info.lr_mult))
+            if self.fusable(local_rate):
+                fused.setdefault((local_rate, self.local_decay(info), p.device, p.dtype), []).append(i)
+                continue
+            g = self.regularize(info, p, self.normalize(g))
             p.sub_(self.update_value(i, g, local_rate))
+        for (local_rate, decay, _, _), ks in fused.items():
+            self.fused_sgd(ks, [grads[k] for k in ks], local_rate, decay)
         self.iter += 1
         return rate
+
+    def fusable(self, local_rate: float) -> bool:
+        """Whether this update may run as torch's fused SGD kernel: Caffe's own SGD rule with momentum and L2 decay.
+
+        A subclass that redefines `update_value` (Nesterov, Adam...) keeps the per-param path, and so does
+        momentum 0, where the kernel would keep no history for Caffe's snapshots.
+        """
+        return (_FUSED_SGD is not None and local_rate != 0.0 and self.param.momentum != 0.0
+                and self.param.regularization_type == "L2" and type(self).update_value is SGDSolver.update_value)
+
+    def local_decay(self, info: ParamInfo) -> float:
+        """Caffe's local_decay = weight_decay · decay_mult, in float32."""
+        return float(np.float32(self.param.weight_decay) * np.float32(info.decay_mult))
+
+    def fused_sgd(self, ks: list[int], grads: list[Tensor], local_rate: float, decay: float) -> None:
+        """Normalize, Regularize, ComputeUpdateValue and Update of params `ks` in one pass over each blob.
+
+        torch's kernel computes buf ← m·buf + (g/s + λ·w), w ← w − lr·buf; with s = 1/local_rate,
+        λ = local_rate·local_decay and lr = 1 its buf is Caffe's history h ← m·h + local_rate·(g + local_decay·w)
+        (float32 rounding of the products aside), and the diffs end up scaled, as Caffe's solver leaves them changed.
+        """
+        assert _FUSED_SGD is not None
+        params = [self.blobs[k][1] for k in ks]
+        scale = self.param.iter_size / local_rate  # Normalize's 1/iter_size folded into the unscaling
+        _FUSED_SGD(params, grads, [self.history[0][k] for k in ks], weight_decay=local_rate * decay,
+                   momentum=self.param.momentum, lr=1.0, dampening=0.0, nesterov=False, maximize=False,
+                   is_first_step=False, grad_scale=torch.tensor(scale, dtype=torch.float32, device=params[0].device))
 
     def clip(self, grads: list[Tensor]) -> None:
         """ClipGradients: scale all diffs by clip/‖g‖ when the global L2 norm exceeds clip_gradients."""
@@ -106,7 +142,7 @@ class SGDSolver:
 
     def regularize(self, info: ParamInfo, w: Tensor, g: Tensor) -> Tensor:
         """Regularize: g + local_decay·w (L2) or g + local_decay·sign(w) (L1), in place."""
-        decay = float(np.float32(self.param.weight_decay) * np.float32(info.decay_mult))
+        decay = self.local_decay(info)
         if not decay:
             return g
         return g.add_(w if self.param.regularization_type == "L2" else torch.sign(w), alpha=decay)

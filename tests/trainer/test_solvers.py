@@ -10,9 +10,10 @@ from torch import nn
 
 from caffeonnx.errors import SolverError
 from caffeonnx.proto import caffe_pb2
+from caffeonnx.trainer import solvers
 from caffeonnx.trainer.graph_module import ParamInfo
 from caffeonnx.trainer.solvers import make_solver, solver_type
-from tests.helpers import rng
+from tests.helpers import assert_close, rng
 
 W0 = rng(0).normal(size=6).astype(np.float32)
 G = rng(1).normal(size=6).astype(np.float32)  # a constant gradient, so the formulas have closed forms
@@ -166,3 +167,35 @@ def test_state_round_trip_continues_identically() -> None:
             s.apply_update()
     assert torch.equal(a, b)
     assert math.isclose(first.lr.rate(first.iter), second.lr.rate(second.iter))
+
+
+@pytest.mark.parametrize("iter_size", [1, 2])
+def test_fused_sgd_matches_the_per_param_update(iter_size: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch's fused kernel and Caffe's four-op update agree on weights and history (float32, rtol 1e-6, atol 1e-7).
+
+    Blobs with different lr_mult/decay_mult (so several kernel groups), a frozen blob, and a step policy
+    whose rate changes mid-run (Caffe keeps the lr-scaled history across the change).
+    """
+    sp = param(momentum=0.9, weight_decay=0.01, lr_policy="step", gamma=0.5, stepsize=2, iter_size=iter_size)
+    mults = [(1.0, 1.0), (1.0, 0.0), (2.0, 1.0), (0.0, 1.0), (2.0, 0.5)]
+    shapes = [(7, 5), (7,), (3, 7), (3,), (4, 4)]
+
+    def train(fused: bool) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        calls = []
+        kernel = solvers._FUSED_SGD
+        monkeypatch.setattr(solvers, "_FUSED_SGD", (lambda *a, **k: calls.append(1) or kernel(*a, **k)) if fused else None)
+        params = [nn.Parameter(torch.from_numpy(rng(10 + i).normal(size=s).astype(np.float32))) for i, s in enumerate(shapes)]
+        infos = [ParamInfo(f"p{i}", lr, dm, [("ip", i)], np.dtype(np.float32)) for i, (lr, dm) in enumerate(mults)]
+        solver = make_solver(sp, list(zip(infos, params)))
+        for step in range(5):
+            for i, p in enumerate(params):
+                p.grad = torch.from_numpy(rng(100 * step + i).normal(size=shapes[i]).astype(np.float32))
+            solver.apply_update()
+        assert bool(calls) == fused, f"fused kernel calls: {len(calls)} (fused={fused})"
+        return [p.detach().numpy().copy() for p in params], solver.history_arrays()
+
+    (w_fused, h_fused), (w_loop, h_loop) = train(True), train(False)
+    for i, (a, b) in enumerate(zip(w_fused, w_loop)):
+        assert_close(a, b, f"param {i} {shapes[i]} lr_mult/decay_mult {mults[i]}", atol=1e-7, rtol=1e-6)
+    for i, (a, b) in enumerate(zip(h_fused, h_loop)):
+        assert_close(a, b, f"history {i} {shapes[i]}", atol=1e-7, rtol=1e-6)
