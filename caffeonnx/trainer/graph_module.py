@@ -8,10 +8,11 @@ a tied decoder reads the encoder's weight through a transposed view, so autograd
 up the gradients of every user exactly as Caffe's shared diff does.
 
 Caffe's TRAIN phase differs from ONNX inference for a few layer types (Dropout masks
-and scales; BatchNorm accumulates its moving averages into its blobs); the metadata's
-per-layer records say which ONNX values are a Caffe layer's bottoms and tops, so in
-training mode such a layer's tops are computed from its bottoms by a `LayerOverride`
-instead of by its inference nodes.  Training-only transforms of a layer's top (WTA
+and scales; BatchNorm accumulates its moving averages into its blobs), and
+SigmoidCrossEntropyLoss trains with Caffe's closed-form gradient rather than autograd
+through its dozen inference nodes; the metadata's per-layer records say which ONNX
+values are a Caffe layer's bottoms and tops, so in training mode such a layer's tops
+are computed from its bottoms by a `LayerOverride` instead of by its inference nodes.  Training-only transforms of a layer's top (WTA
 sparsity) hook in the same way.  Feeding an intermediate value runs only the graph
 above it, which is how stacked training bypasses inner layers.
 """
@@ -26,6 +27,7 @@ from typing import Any
 import numpy as np
 import onnx
 import torch
+import torch.nn.functional as F
 from onnx import ModelProto, helper, numpy_helper
 from torch import nn
 
@@ -33,7 +35,7 @@ from caffeonnx.converter import metadata
 from caffeonnx.converter.caffe_io import CaffeWeights, write_caffemodel
 from caffeonnx.converter.caffe_to_onnx import ConvertedModel, filter_layers
 from caffeonnx.converter.context import ConvertOptions
-from caffeonnx.converter.layers.loss import effective_loss_weights
+from caffeonnx.converter.layers.loss import effective_loss_weights, normalization_mode
 from caffeonnx.errors import CaffeOnnxError, UnsupportedError
 from caffeonnx.proto import caffe_pb2
 from caffeonnx.trainer.ops import NodeSpec, get_op
@@ -217,7 +219,7 @@ class GraphModule(nn.Module):
         return terms
 
     def _find_overrides(self) -> dict[str, LayerOverride]:
-        """TRAIN-phase forwards of the Caffe layers whose inference graph differs."""
+        """TRAIN-phase forwards of the Caffe layers whose inference graph differs or trains slower."""
         found: dict[str, LayerOverride] = {}
         for rec in self.records:
             layer = self.layers.get(rec.name)
@@ -227,6 +229,8 @@ class GraphModule(nn.Module):
                 found[rec.name] = LayerOverride(rec.name, rec.bottoms, rec.tops, self._dropout(layer))
             elif layer.type == "BatchNorm" and not layer.batch_norm_param.use_global_stats and len(rec.params) == 3:
                 found[rec.name] = LayerOverride(rec.name, rec.bottoms, rec.tops, self._batch_norm(layer, rec.params))
+            elif layer.type == "SigmoidCrossEntropyLoss" and len(rec.bottoms) == 2 and len(rec.tops) == 1:
+                found[rec.name] = LayerOverride(rec.name, rec.bottoms, rec.tops, self._sigmoid_cross_entropy(layer))
         return found
 
     def _dropout(self, layer: caffe_pb2.LayerParameter) -> Callable[[list[Tensor]], list[Tensor]]:
@@ -264,6 +268,37 @@ class GraphModule(nn.Module):
                 mean_blob.mul_(fraction).add_(mean.reshape(-1))
                 var_blob.mul_(fraction).add_(var.reshape(-1), alpha=correction)
             return [centred / torch.sqrt(var + eps)]
+
+        return run
+
+    def _sigmoid_cross_entropy(self, layer: caffe_pb2.LayerParameter) -> Callable[[list[Tensor]], list[Tensor]]:
+        """Caffe SigmoidCrossEntropyLoss with its own backward: ∂x = (sigmoid(x) − t)·[kept] / normalizer.
+
+        The inference graph states the same loss as a dozen elementwise nodes, and autograd through
+        them reaches Caffe's closed-form gradient only up to rounding, a dozen passes later; torch's
+        binary_cross_entropy_with_logits computes max(x,0) − x·t + log(1 + e^−|x|) in one pass and its
+        backward is exactly Caffe's formula.  Targets equal to ignore_label (after Caffe's int cast)
+        count as zero loss and zero gradient; the normalizer is Caffe's get_normalizer, at least 1.
+        """
+        p = layer.loss_param
+        mode = normalization_mode(p, caffe_pb2.LossParameter.BATCH_SIZE)
+        ignore = int(p.ignore_label) if p.HasField("ignore_label") else None
+
+        def run(xs: list[Tensor]) -> list[Tensor]:
+            x, t = xs
+            t = t.reshape(x.shape)
+            kept = None if ignore is None else t.to(torch.int64) != ignore
+            weight = None if kept is None else kept.to(x.dtype)
+            total = F.binary_cross_entropy_with_logits(x, t.to(x.dtype), weight=weight, reduction="sum")
+            if mode == caffe_pb2.LossParameter.NONE:
+                return [total]
+            if mode == caffe_pb2.LossParameter.FULL or (mode == caffe_pb2.LossParameter.VALID and kept is None):
+                count = x.numel()
+            elif mode == caffe_pb2.LossParameter.VALID:
+                count = kept.sum()  # type: ignore[union-attr]
+            else:  # BATCH_SIZE: Caffe's outer_num_, the first axis
+                count = x.shape[0]
+            return [total / torch.clamp(torch.as_tensor(count, dtype=x.dtype, device=x.device), min=1.0)]
 
         return run
 

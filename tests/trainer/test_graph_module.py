@@ -189,3 +189,36 @@ layer { name: "l2" type: "EuclideanLoss" bottom: "ip" bottom: "t" top: "l2" loss
     values = module({"data": x, "t": t}, module.loss_outputs())
     w, b = converted.weights["ip.weight"], converted.weights["ip.bias"]
     assert_close(module.loss(values).detach().numpy(), np.float32(0.5 * (x @ w.T + b).sum()), "objective")
+
+
+SIGMOID_CE = """
+layer { name: "x" type: "Input" top: "x" input_param { shape { dim: 4 dim: 6 } } }
+layer { name: "t" type: "Input" top: "t" input_param { shape { dim: 4 dim: 2 dim: 3 } } }
+layer { name: "loss" type: "SigmoidCrossEntropyLoss" bottom: "x" bottom: "t" top: "loss" loss_param { %s } }
+"""
+
+
+@pytest.mark.parametrize("ignore", [None, -1])
+@pytest.mark.parametrize("norm", ["normalization: FULL", "normalization: VALID", "normalization: BATCH_SIZE",
+                                  "normalization: NONE", "normalize: true", ""])
+def test_sigmoid_cross_entropy_trains_with_caffes_closed_form_gradient(norm: str, ignore: int | None) -> None:
+    """TRAIN: value as the inference graph's, ∂x = (sigmoid(x) − t)·[t ≠ ignore]/normalizer (atol 1e-6, rtol 1e-5)."""
+    param = norm + (f" ignore_label: {ignore}" if ignore is not None else "")
+    converted = convert_text(SIGMOID_CE % param, phase=caffe_pb2.TRAIN)
+    module = GraphModule(converted.model, converted.weights)
+    assert "loss" in module.overrides, "SigmoidCrossEntropyLoss has a TRAIN-phase forward"
+    x = rng(8).normal(0.0, 3.0, size=(4, 6)).astype(np.float32)
+    t = rng(9).choice(np.array([0.0, 0.25, 1.0, -1.0], np.float32), size=(4, 2, 3))
+    kept = np.ones_like(x) if ignore is None else (t.reshape(4, 6).astype(np.int64) != ignore).astype(np.float32)
+    normalizer = {"normalization: FULL": 24.0, "normalization: VALID": kept.sum(), "normalization: BATCH_SIZE": 4.0,
+                  "normalization: NONE": 1.0, "normalize: true": kept.sum(), "": 4.0}[norm]
+    results = {}
+    for mode in ("train", "eval"):
+        xt = torch.from_numpy(x.copy()).requires_grad_()
+        loss = getattr(module, mode)()({"x": xt, "t": t}, ["loss"])["loss"]
+        loss.backward()
+        results[mode] = (loss.detach().numpy(), xt.grad.numpy())
+    want_grad = (1 / (1 + np.exp(-x.astype(np.float64))) - t.reshape(4, 6)) * kept / max(normalizer, 1.0)
+    assert_close(results["train"][0], results["eval"][0], f"loss ({param!r})", atol=1e-6, rtol=1e-5)
+    assert_close(results["train"][1], want_grad, f"d loss/dx ({param!r})", atol=1e-6, rtol=1e-5)
+    assert_close(results["eval"][1], want_grad, f"d loss/dx via the graph ({param!r})", atol=1e-6, rtol=1e-5)
