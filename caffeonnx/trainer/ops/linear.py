@@ -60,8 +60,8 @@ class OneDnnLinear(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         grad = grad.contiguous()
         need_x, need_w, need_b = ctx.needs_input_grad
-        gx = (_onednn(grad, weight.t(), None) if onednn_linear_usable(grad, weight.t(), None)
-              else torch.mm(grad, weight)) if need_x else None
+        # ∂x = grad·weight is the forward's product transposed (same dtype, device and size): oneDNN's too.
+        gx = _onednn(grad, weight.t(), None) if need_x else None
         gw = torch.mm(grad.t(), x) if need_w else None
         gb = grad.sum(0) if need_b else None
         return gx, gw, gb
