@@ -46,14 +46,11 @@ def _onednn(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
 class OneDnnLinear(torch.autograd.Function):
     """y = x·weightᵀ + bias with oneDNN products for y and ∂x, torch.mm for ∂weight, a column sum for ∂bias."""
 
+    # forward takes ctx itself: a separate setup_context makes every apply() bind its arguments by signature.
     @staticmethod
-    def forward(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:  # type: ignore[override]
-        return _onednn(x, weight, bias)
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Tensor, Tensor, Tensor | None], output: Tensor) -> None:
-        x, weight, _ = inputs
+    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:  # type: ignore[override]
         ctx.save_for_backward(x, weight)
+        return _onednn(x, weight, bias)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:  # type: ignore[override]
