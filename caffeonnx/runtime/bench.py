@@ -81,7 +81,7 @@ class EngineResult:
     round_p50_us: list[float]  # batch-1 p50 of each round (the ratio is taken round by round)
 
 
-def _timed(call: Callable[[], object], count: int) -> np.ndarray:
+def timed_calls(call: Callable[[], object], count: int) -> np.ndarray:
     """Seconds taken by each of `count` calls."""
     times = np.empty(count)
     for k in range(count):
@@ -112,12 +112,12 @@ def _measure_engines(model: ModelProto, threads: int, large_batch: int, calls: i
     small: dict[str, list[np.ndarray]] = {k: [] for k in engines}
     large: dict[str, list[np.ndarray]] = {k: [] for k in engines}
     for run in engines.values():  # warm-up
-        _timed(partial(run, one), 200)
-        _timed(partial(run, big), 2)
+        timed_calls(partial(run, one), 200)
+        timed_calls(partial(run, big), 2)
     for _ in range(rounds):
         for name, run in engines.items():
-            small[name].append(_timed(partial(run, one), calls // rounds))
-            large[name].append(_timed(partial(run, big), max(1, large_calls // rounds)))
+            small[name].append(timed_calls(partial(run, one), calls // rounds))
+            large[name].append(timed_calls(partial(run, big), max(1, large_calls // rounds)))
     return small, large
 
 

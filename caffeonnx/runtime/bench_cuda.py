@@ -21,6 +21,7 @@ import torch
 from onnx import ModelProto
 
 from caffeonnx.errors import CaffeOnnxError
+from caffeonnx.runtime.bench import timed_calls
 from caffeonnx.runtime.session import CUDA, EncoderSession, SessionConfig
 from caffeonnx.runtime.torch_encoder import TorchEncoder
 
@@ -41,15 +42,6 @@ class CudaEngineResult:
     device_p99_us: float
     throughput: float  # samples/s at the large batch, each run waited for
     pipelined_throughput: float  # samples/s at the large batch, runs queued back to back
-
-
-def _times(call: Callable[[], object], count: int) -> np.ndarray:
-    out = np.empty(count)
-    for k in range(count):
-        t0 = time.perf_counter()
-        call()
-        out[k] = time.perf_counter() - t0
-    return out
 
 
 def _pipelined(issue: Callable[[], object], finish: Callable[[], object], queue: int) -> float:
@@ -132,13 +124,13 @@ def _measure(engines: dict[str, _OrtEngine | _TorchEngine], precision: str, larg
     waited = {k: [] for k in engines}
     piped = {k: [] for k in engines}
     for e in engines.values():  # warm-up (allocator, kernel choice, graph capture already done for ORT)
-        _times(e.host_one, 50)
-        _times(e.large_waited, 5)
+        timed_calls(e.host_one, 50)
+        timed_calls(e.large_waited, 5)
     for _ in range(rounds):
         for name, e in engines.items():
-            host[name].append(_times(e.host_one, calls // rounds))
-            device[name].append(_times(e.device_one, calls // rounds))
-            waited[name].append(_times(e.large_waited, max(1, large_calls // rounds)))
+            host[name].append(timed_calls(e.host_one, calls // rounds))
+            device[name].append(timed_calls(e.device_one, calls // rounds))
+            waited[name].append(timed_calls(e.large_waited, max(1, large_calls // rounds)))
             piped[name].append(_pipelined(e.large_queued, e.large_waited, queue))
     results = []
     for name in engines:
