@@ -20,6 +20,8 @@ err = Console(stderr=True, soft_wrap=True)
 DeviceOption = Annotated[str, typer.Option("--device", help="auto (CUDA when it starts, else CPU), cpu or cuda.")]
 ThreadsOption = Annotated[int, typer.Option("--threads", help="Intra-op CPU threads (0: onnxruntime's default).")]
 ModelArg = Annotated[Path, typer.Argument(help="ONNX model (an encoder, or an autoencoder for 'encoder').")]
+FP16Option = Annotated[bool, typer.Option("--fp16", help="CUDA: float16 compute; inputs and codes stay float32.")]
+TF32Option = Annotated[bool, typer.Option("--tf32", help="CUDA: allow TF32 tensor-core math for float32 products.")]
 
 
 def _session_config(device: str, threads: int = 0, **kw: object):
@@ -64,12 +66,17 @@ def encode(
     key: Annotated[str | None, typer.Option("--key", help="Array to read from an .npz holding several.")] = None,
     scale: Annotated[float | None, typer.Option(
         "--scale", help="Multiply samples by this after casting to float (default: 1/255 for uint8, else 1).")] = None,
+    fp16: FP16Option = False,
+    tf32: TF32Option = False,
+    cuda_graph: Annotated[bool, typer.Option("--cuda-graph", help="CUDA: capture a --batch-size run as a CUDA "
+                                             "graph and replay it for every full batch.")] = False,
 ) -> None:
     """Encode a file of samples into a .npy of codes, streaming (memory stays bounded)."""
     from caffeonnx.runtime.encode import encode_file
     from caffeonnx.runtime.session import EncoderSession
 
-    session = EncoderSession(model, _session_config(device, threads, warmup=()))
+    session = EncoderSession(model, _session_config(device, threads, warmup=(), fp16=fp16, tf32=tf32,
+                                                    cuda_graphs=(batch_size,) if cuda_graph else ()))
     err.print(f"running on {session.describe()}", highlight=False)
     columns = (TextColumn("encoding"), BarColumn(), MofNCompleteColumn(), TextColumn("samples"), TimeRemainingColumn())
     with Progress(*columns, console=err, transient=True) as bar:
@@ -106,6 +113,8 @@ def serve(
     device: DeviceOption = "auto",
     threads: ThreadsOption = 0,
     max_body_mb: Annotated[float, typer.Option("--max-body-mb", help="Larger request bodies get 413.")] = 64.0,
+    fp16: FP16Option = False,
+    tf32: TF32Option = False,
 ) -> None:
     """Serve an encoder over the Open Inference Protocol v2 (KServe / Triton REST), with dynamic batching."""
     from caffeonnx.runtime.protocol import check_model_name
@@ -117,7 +126,8 @@ def serve(
     if max_batch < 1 or max_delay_ms < 0 or max_body_mb <= 0 or not 0 <= port < 65536:
         raise CaffeOnnxError(f"need --max-batch >= 1, --max-delay-ms >= 0, --max-body-mb > 0 and a port in "
                              f"0..65535; got {max_batch}, {max_delay_ms}, {max_body_mb}, {port}")
-    session = EncoderSession(model, _session_config(device, threads, warmup=sorted({1, max_batch})))
+    session = EncoderSession(model, _session_config(device, threads, warmup=sorted({1, max_batch}), fp16=fp16,
+                                                    tf32=tf32))
     config = ServerConfig(name, max_batch, max_delay_ms, batching, int(max_body_mb * (1 << 20)))
     how = f"batching up to {max_batch} rows within {max_delay_ms:g} ms" if batching else "no batching"
     err.print(f"serving model {name!r} on http://{host}:{port}/v2 ({session.describe()}; {how})", highlight=False)

@@ -140,8 +140,10 @@ class EncoderSession:
         proto = model if isinstance(model, ModelProto) else load_onnx(model)
         self.source = "<model>" if isinstance(model, ModelProto) else str(Path(model))
         self._sess, self.provider = self._create(proto, cfg)
-        if cfg.fp16 and self.provider != CUDA:
-            raise CaffeOnnxError("fp16 compute runs on CUDA only and CUDA is not available here; drop --fp16")
+        for wanted, flag in ((cfg.fp16, "--fp16"), (cfg.tf32, "--tf32")):
+            if wanted and self.provider != CUDA:
+                raise CaffeOnnxError(f"{flag} is a CUDA setting and CUDA is not available here (running on "
+                                     f"{self.provider}); drop {flag}")
         inputs, outputs = self._sess.get_inputs(), self._sess.get_outputs()
         if len(inputs) != 1 or len(outputs) != 1:
             raise UnsupportedError(
@@ -153,7 +155,8 @@ class EncoderSession:
         device = "cuda" if self.provider == CUDA else "cpu"
         self.io_binding = cfg.io_binding if cfg.io_binding is not None else device == "cuda"
         if cfg.cuda_graphs and (device != "cuda" or not self.io_binding or not (self.input.static and self.output.static)):
-            raise CaffeOnnxError("CUDA graphs need the CUDA provider, IOBinding and static per-sample shapes")
+            raise CaffeOnnxError("CUDA graphs (--cuda-graph) need the CUDA provider, IOBinding and static per-sample "
+                                 f"shapes; running on {self.provider}")
         self._device = device
         self._graph_ids = {int(b): k for k, b in enumerate(dict.fromkeys(cfg.cuda_graphs))}
         self._bound: dict[int, _Bound] = {}

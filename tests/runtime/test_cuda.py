@@ -84,10 +84,21 @@ def test_encode_command_on_cuda(tmp_path: Path, deep_encoder_path: Path, deep_bl
     assert_close(np.load(tmp_path / "codes.npy"), deep_blobs["encode4"], "encode4 (encode --device cuda)")
 
 
+@pytest.mark.parametrize("flags", [["--fp16", "--cuda-graph"], ["--tf32", "--cuda-graph"]])
+def test_encode_command_precision_and_graph_flags(tmp_path: Path, deep_encoder_path: Path, deep_blobs: dict,
+                                                  flags: list[str]) -> None:
+    np.save(tmp_path / "x.npy", deep_blobs["data"])
+    res = CliRunner().invoke(app, ["encode", str(deep_encoder_path), str(tmp_path / "x.npy"), "-o",
+                                   str(tmp_path / "codes.npy"), "--device", "cuda", "--batch-size", "6", *flags])
+    assert res.exit_code == 0, res.output
+    assert "CUDA graphs for batch [6]" in res.output and ("fp16" if "--fp16" in flags else "TF32 on") in res.output
+    assert_close(np.load(tmp_path / "codes.npy"), deep_blobs["encode4"], "encode4 (flags)", atol=2e-2, rtol=0)
+
+
 def test_server_on_cuda_answers_json_requests(deep_encoder_path: Path, deep_blobs: dict) -> None:
     body = json.dumps({"inputs": [{"name": "data", "shape": [3, 784], "datatype": "FP32",
                                    "data": deep_blobs["data"][:3].ravel().tolist()}]})
-    with serve_in_child(deep_encoder_path, "enc", device="cuda", capture_output=True) as srv:
+    with serve_in_child(deep_encoder_path, "enc", "--fp16", device="cuda", capture_output=True) as srv:
         conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=30)
         conn.request("POST", "/v2/models/enc/infer", body, {"Content-Type": "application/json"})
         resp = conn.getresponse()
@@ -95,7 +106,7 @@ def test_server_on_cuda_answers_json_requests(deep_encoder_path: Path, deep_blob
     assert resp.status == 200, reply
     [out] = reply["outputs"]
     got = np.asarray(out["data"], np.float32).reshape(out["shape"])
-    assert_close(got, deep_blobs["encode4"][:3], "encode4 (served on CUDA)")
+    assert_close(got, deep_blobs["encode4"][:3], "encode4 (served on CUDA, fp16)", atol=2e-2, rtol=0)
 
 
 def test_bench_cuda_engines_agree_and_report(deep_encoder_path: Path) -> None:

@@ -16,7 +16,7 @@ from caffeonnx.cli import app
 from caffeonnx.errors import CaffeOnnxError, InputFileError, TensorError
 from caffeonnx.runtime.encode import encode_file
 from caffeonnx.runtime.inputs import open_samples
-from caffeonnx.runtime.session import EncoderSession, SessionConfig
+from caffeonnx.runtime.session import EncoderSession, SessionConfig, cuda_available
 from tests.helpers import assert_close, rng
 
 
@@ -179,3 +179,15 @@ def test_cli_user_errors_are_one_line_and_exit_2(tmp_path: Path) -> None:
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().startswith("error: ONNX model") and "does not exist" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+@pytest.mark.skipif(cuda_available(), reason="CUDA starts here: the flags are accepted")
+@pytest.mark.parametrize("flag", ["--fp16", "--tf32", "--cuda-graph"])
+def test_cuda_only_flags_are_refused_on_cpu(tmp_path: Path, deep_encoder_path: Path, flag: str) -> None:
+    np.save(tmp_path / "x.npy", np.zeros((4, 784), np.float32))
+    proc = subprocess.run([sys.executable, "-m", "caffeonnx.cli", "encode", str(deep_encoder_path),
+                           str(tmp_path / "x.npy"), "-o", str(tmp_path / "codes.npy"), flag],
+                          check=False, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "CUDA" in proc.stderr and flag in proc.stderr, proc.stderr
+    assert not (tmp_path / "codes.npy").exists()

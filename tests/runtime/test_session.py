@@ -116,8 +116,10 @@ def test_whole_autoencoder_is_refused_with_advice(deep_ae_path: Path) -> None:
 
 @pytest.mark.parametrize("config, message", [
     (SessionConfig(device="tpu"), r"device must be one of \('auto', 'cpu', 'cuda'\), got 'tpu'"),
-    (SessionConfig(device="cpu", fp16=True), r"fp16 compute runs on CUDA only"),
-    (SessionConfig(device="cpu", cuda_graphs=(1,)), r"CUDA graphs need the CUDA provider"),
+    (SessionConfig(device="cpu", fp16=True), (r"--fp16 is a CUDA setting and CUDA is not available here \(running "
+                                             r"on CPUExecutionProvider\); drop --fp16")),
+    (SessionConfig(device="cpu", tf32=True), r"--tf32 is a CUDA setting .*; drop --tf32"),
+    (SessionConfig(device="cpu", cuda_graphs=(1,)), r"CUDA graphs \(--cuda-graph\) need the CUDA provider"),
 ])
 def test_invalid_configurations_are_refused(deep_encoder_path: Path, config: SessionConfig, message: str) -> None:
     with pytest.raises(CaffeOnnxError, match=message):
