@@ -6,7 +6,8 @@ runs, and copies the codes out, with no allocation; batch sizes listed in
 `cuda_graphs` are each captured as a CUDA graph (provider option
 `enable_cuda_graph`, one `gpu_graph_id` per size, fixed buffer addresses) and
 replayed afterwards.  TF32 is an explicit choice (`use_tf32`, off by default: full
-float32 precision), and fp16 compute keeps float32 inputs and outputs.
+float32 precision), and fp16 compute keeps float32 inputs and outputs.  CUDA sessions
+run each biased Gemm as Gemm + Add (bias_split.py says why).
 
 CPU path: plain `run` (or the same IOBinding code on CPU buffers when asked).
 `provider` says which execution provider runs the model.
