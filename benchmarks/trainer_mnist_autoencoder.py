@@ -12,6 +12,7 @@ import json
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -91,6 +92,27 @@ def plain_torch(module: GraphModule) -> tuple[nn.Module, torch.optim.Optimizer]:
     return net, opt
 
 
+def eager_loop(module: GraphModule, source: BatchSource, batch: int,
+               device: torch.device | str = "cpu") -> Callable[[int], None]:
+    """`run(n)`: n iterations of the plain torch loop (a `plain_torch` copy of `module`) on `source`'s batches."""
+    eager, opt = plain_torch(module)
+    eager.to(device)
+    bce = nn.BCEWithLogitsLoss(reduction="sum")
+    state = {"batch": 0}
+
+    def run(n: int) -> None:
+        for _ in range(n):
+            data = torch.from_numpy(source.batch(state["batch"])["data"]).to(device)
+            state["batch"] += 1
+            opt.zero_grad()
+            loss = bce(eager(data), data) / batch
+            loss.backward()
+            float(loss.detach())
+            opt.step()
+
+    return run
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--iters", type=int, default=30)
@@ -106,22 +128,10 @@ def main() -> None:
     module = GraphModule(converted.model, converted.weights)
     source = BatchSource({"data": x}, {"data": (args.batch, 784)})
     trainer = Trainer(module, SOLVER, source)
-    eager, opt = plain_torch(module)
-    bce = nn.BCEWithLogitsLoss(reduction="sum")
-    state = {"eager_batch": 0}
+    eager_iters = eager_loop(module, source, args.batch)
 
     def caffeonnx_iters(n: int) -> None:
         trainer.step(n)
-
-    def eager_iters(n: int) -> None:
-        for _ in range(n):
-            batch = torch.from_numpy(source.batch(state["eager_batch"])["data"])
-            state["eager_batch"] += 1
-            opt.zero_grad()
-            loss = bce(eager(batch), batch) / args.batch
-            loss.backward()
-            float(loss.detach())
-            opt.step()
 
     runs: dict[str, list[float]] = {"caffeonnx": [], "torch_eager": []}
     for _ in range(args.rounds):

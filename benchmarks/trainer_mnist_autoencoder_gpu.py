@@ -17,8 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
-from trainer_mnist_autoencoder import SOLVER, autoencoder_prototxt, plain_torch
+from trainer_mnist_autoencoder import SOLVER, autoencoder_prototxt, eager_loop
 
 from caffeonnx.converter.caffe_io import parse_prototxt
 from caffeonnx.converter.caffe_to_onnx import convert_net
@@ -42,20 +41,7 @@ def measure(batch: int, x: np.ndarray, device: torch.device, iters: int, rounds:
     module = GraphModule(converted.model, converted.weights).to(device)
     source = BatchSource({"data": x}, {"data": (batch, 784)})
     trainer = Trainer(module, SOLVER, source)
-    eager, opt = plain_torch(module)
-    eager.to(device)
-    bce = nn.BCEWithLogitsLoss(reduction="sum")
-    state = {"eager_batch": 0}
-
-    def eager_iters(n: int) -> None:
-        for _ in range(n):
-            data = torch.from_numpy(source.batch(state["eager_batch"])["data"]).to(device)
-            state["eager_batch"] += 1
-            opt.zero_grad()
-            loss = bce(eager(data), data) / batch
-            loss.backward()
-            float(loss.detach())
-            opt.step()
+    eager_iters = eager_loop(module, source, batch, device)
 
     runs: dict[str, list[float]] = {"caffeonnx": [], "torch_eager": []}
     for _ in range(rounds):

@@ -66,14 +66,14 @@ class _OrtEngine:
         self.x1 = x1
         in1, _ = s.device_buffers(1)
         in1.update_inplace(x1)
-        inl, self.out_large = s.device_buffers(large)
+        inl, _ = s.device_buffers(large)
         inl.update_inplace(xl)
 
     def codes(self, x: np.ndarray) -> np.ndarray:
         return self.session.run(x)
 
     def host_one(self) -> object:
-        return self.session.run(self.x1)
+        return self.codes(self.x1)
 
     def device_one(self) -> None:
         self.session.run_bound(1)
@@ -103,7 +103,7 @@ class _TorchEngine:
         return self._forward(torch.from_numpy(x).to("cuda")).cpu().numpy()
 
     def host_one(self) -> object:
-        return self._forward(torch.from_numpy(self.x1).to("cuda")).cpu().numpy()
+        return self.codes(self.x1)
 
     def device_one(self) -> None:
         self._forward(self.d1)
@@ -151,9 +151,13 @@ def bench_cuda_engines(model: ModelProto, large_batch: int = 4096, precisions: S
     bad = sorted(set(precisions) - set(PRECISIONS))
     if bad:
         raise CaffeOnnxError(f"unknown precision(s) {bad!r}; choose from {PRECISIONS!r}")
+    spec = EncoderSession(model, SessionConfig(device="cpu", warmup=())).input  # the shape the session checks
+    if not spec.static or spec.dtype != np.float32:
+        raise CaffeOnnxError(f"bench --device cuda feeds float32 samples of a static shape; input {spec.name!r} is "
+                             f"{spec.dtype.name} {list(spec.sample_shape)!r} per sample")
     g = np.random.default_rng(seed)
-    x1 = g.random((1, _width(model)), dtype=np.float32)
-    xl = g.random((large_batch, x1.shape[1]), dtype=np.float32)
+    x1 = g.random((1, *spec.sample_shape), dtype=np.float32)
+    xl = g.random((large_batch, *spec.sample_shape), dtype=np.float32)
     tf32_before = torch.backends.cuda.matmul.allow_tf32
     results: list[CudaEngineResult] = []
     agreement: dict[str, float] = {}
@@ -178,17 +182,6 @@ def bench_cuda_engines(model: ModelProto, large_batch: int = 4096, precisions: S
     return {"gpu": torch.cuda.get_device_name(), "large_batch": large_batch, "queue": queue,
             "engines": [asdict(r) for r in results], "max_code_difference": agreement, "sessions": describe,
             **_acceptance(results)}
-
-
-def _width(model: ModelProto) -> int:
-    """The per-sample input width of a flat encoder (the benchmark feeds [N, width] arrays)."""
-    inits = {t.name for t in model.graph.initializer}
-    inp = next(i for i in model.graph.input if i.name not in inits)
-    dims = [d.dim_value for d in inp.type.tensor_type.shape.dim[1:]]
-    if len(dims) != 1 or dims[0] <= 0:
-        raise CaffeOnnxError(f"bench --device cuda feeds [N, width] inputs; input {inp.name!r} has per-sample "
-                             f"shape {dims!r}")
-    return dims[0]
 
 
 def _acceptance(results: list[CudaEngineResult]) -> dict:
