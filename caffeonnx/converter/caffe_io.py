@@ -11,6 +11,7 @@ from __future__ import annotations
 import codecs
 import mmap
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -261,31 +262,33 @@ def _blob_bytes(array: np.ndarray) -> list[bytes | memoryview]:
 
 
 def write_caffemodel(
-    path: str | os.PathLike[str], net: caffe_pb2.NetParameter, blobs: dict[str, list[np.ndarray]]
+    path: str | os.PathLike[str], net: caffe_pb2.NetParameter, blobs: Mapping[int | str, list[np.ndarray]]
 ) -> None:
     """Write a binary caffemodel atomically, streaming blob payloads from numpy.
 
-    `net` gives the layers (any blobs in it are ignored); `blobs` maps layer names to
-    their parameter arrays, written in order as that layer's `blobs`.
+    `net` gives the layers (any blobs in it are ignored); `blobs` maps each layer, by its
+    position in `net.layer` or by its name (where names are unique), to its parameter
+    arrays, written in order as that layer's `blobs`.  Positions let two layers of one
+    name hold different blobs, as Caffe's Net::ToProto writes them.
     """
     with atomic_write(path) as fh:
         write_caffemodel_to(fh, net, blobs)
 
 
-def write_caffemodel_to(fh: BinaryIO, net: caffe_pb2.NetParameter, blobs: dict[str, list[np.ndarray]]) -> None:
+def write_caffemodel_to(fh: BinaryIO, net: caffe_pb2.NetParameter, blobs: Mapping[int | str, list[np.ndarray]]) -> None:
     """Stream a caffemodel to an open binary file (see `write_caffemodel`)."""
     header = caffe_pb2.NetParameter()
     header.CopyFrom(net)
     del header.layer[:]
     del header.layers[:]
     fh.write(header.SerializeToString())
-    for layer in net.layer:
+    for position, layer in enumerate(net.layer):
         bare = caffe_pb2.LayerParameter()
         bare.CopyFrom(layer)
         del bare.blobs[:]
         head = bare.SerializeToString()
         parts: list[bytes | memoryview] = []
-        for arr in blobs.get(layer.name, []):
+        for arr in blobs.get(position, blobs.get(layer.name, [])):
             parts.extend(_blob_bytes(arr))
         total = len(head) + sum(memoryview(p).nbytes for p in parts)
         fh.write(length_delimited(_NET_LAYER, total) + head)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from google.protobuf import text_format
 from onnx import ModelProto, TensorProto, helper
 
 from caffeonnx import __version__
@@ -28,29 +29,54 @@ from caffeonnx.proto import caffe_pb2
 BATCH_SYMBOL = "N"
 
 
-def _meets_rule(rule: caffe_pb2.NetStateRule, opts: ConvertOptions) -> bool:
-    """Caffe's Net::StateMeetsRule."""
-    if rule.HasField("phase") and rule.phase != opts.phase:
-        return False
-    if rule.HasField("min_level") and opts.level < rule.min_level:
-        return False
-    if rule.HasField("max_level") and opts.level > rule.max_level:
-        return False
-    if any(s not in opts.stages for s in rule.stage):
-        return False
-    return not any(s in opts.stages for s in rule.not_stage)
+def net_state(net: caffe_pb2.NetParameter, opts: ConvertOptions) -> caffe_pb2.NetState:
+    """The NetState Caffe filters with: the options' phase and level, the net's own stages plus the options'.
+
+    As Caffe's Net(file, phase, level, stages) constructor: phase and level are set,
+    stages are added to those of the prototxt's `state`.
+    """
+    stages = list(dict.fromkeys([*net.state.stage, *opts.stages]))
+    return caffe_pb2.NetState(phase=opts.phase, level=opts.level, stage=stages)
+
+
+def filter_positions(net: caffe_pb2.NetParameter, state: caffe_pb2.NetState, source: str = "<net>") -> list[int]:
+    """Positions of the layers Caffe's Net::FilterNet keeps for `state`."""
+    kept = []
+    for i, layer in enumerate(net.layer):
+        if layer.include and layer.exclude:
+            raise LayerError(layer.name, layer.type, f"Specify either include rules or exclude rules; not both "
+                             f"({source}); keep one kind")
+        if metadata.layer_included(layer, state):
+            kept.append(i)
+    return kept
 
 
 def filter_layers(net: caffe_pb2.NetParameter, opts: ConvertOptions) -> list[caffe_pb2.LayerParameter]:
     """The layers Caffe would instantiate for the options' phase/level/stages."""
-    kept = []
-    for layer in net.layer:
-        if layer.include:
-            if any(_meets_rule(r, opts) for r in layer.include):
-                kept.append(layer)
-        elif not any(_meets_rule(r, opts) for r in layer.exclude):
-            kept.append(layer)
-    return kept
+    return [net.layer[i] for i in filter_positions(net, net_state(net, opts))]
+
+
+def _state_text(state: caffe_pb2.NetState) -> str:
+    stages = "".join(f" --stage {s}" for s in state.stage)
+    return f"--phase {caffe_pb2.Phase.Name(state.phase)}{stages} --level {state.level}"
+
+
+def _rule_text(layer: caffe_pb2.LayerParameter) -> str:
+    """A layer's include/exclude rules, one line, as in the prototxt."""
+    kind, rules = ("include", layer.include) if layer.include else ("exclude", layer.exclude)
+    return " ".join(f"{kind} {{ {text_format.MessageToString(r, as_one_line=True)} }}" for r in rules)
+
+
+def _unknown_bottom(net: caffe_pb2.NetParameter, kept: set[int], layer: caffe_pb2.LayerParameter, blob: str,
+                    state: caffe_pb2.NetState, source: str) -> LayerError:
+    """Caffe's 'Unknown bottom blob', naming the layers that would produce it under another NetState."""
+    hidden = [f"{other.name!r} ({_rule_text(other)})" for i, other in enumerate(net.layer)
+              if i not in kept and blob in other.top]
+    hint = ("check the layer order and the blob names" if not hidden else
+            f"it is produced by layer(s) {', '.join(hidden)}, which the NetState ({_state_text(state)}) leaves "
+            "out: choose their phase/stage/level with --phase, --stage and --level")
+    return LayerError(layer.name, layer.type,
+                      f"Unknown bottom blob {blob!r} (bottom index {list(layer.bottom).index(blob)}) in {source}: {hint}")
 
 
 def check_supported(layers: list[caffe_pb2.LayerParameter], source: str) -> None:
@@ -122,10 +148,16 @@ def convert_net(
 ) -> ConvertedModel:
     """Convert an (upgraded) NetParameter and optional weights to ONNX."""
     opts = options or ConvertOptions()
-    layers = filter_layers(net, opts)
+    state = net_state(net, opts)
+    positions = filter_positions(net, state, source)
+    layers = [net.layer[i] for i in positions]
     check_supported(layers, source)
+    # Caffe's CopyTrainedLayersFrom gives a source layer's blobs to the FIRST layer of that name only.
+    gets_weights = {}
+    for position, layer in zip(positions, layers):
+        gets_weights.setdefault(layer.name, position)
     if weights is not None:
-        _check_weights_cover(layers, weights, opts)
+        _check_weights_cover(layers, positions, gets_weights, weights, opts)
     builder = GraphBuilder(opts, source)
     tops_per_layer = _top_names(layers, builder)
     current: dict[str, str] = {}
@@ -133,22 +165,18 @@ def convert_net(
     producers: dict[str, tuple[int, int]] = {}
     consumers: Counter[tuple[int, int]] = Counter()
     available: dict[str, None] = {}
-    for i, (layer, tops) in enumerate(zip(layers, tops_per_layer)):
+    for i, (position, layer, tops) in enumerate(zip(positions, layers, tops_per_layer)):
         bottoms = []
         for b in layer.bottom:
             if b not in current:
-                raise LayerError(
-                    layer.name, layer.type,
-                    f"bottom blob {b!r} is produced by no earlier layer (Caffe: Unknown bottom blob) in "
-                    f"{source}; check the layer order, the blob names and the phase (--phase)",
-                )
+                raise _unknown_bottom(net, set(positions), layer, b, state, source)
             bottoms.append(current[b])
             consumers[producers[b]] += 1
             available.pop(b, None)
         blobs = None
-        if weights is not None:
+        if weights is not None and gets_weights[layer.name] == position:
             blobs = weights.blobs.get(layer.name)
-        ctx = LayerContext(builder, layer, bottoms, tops, blobs, str(weights.path) if weights else None)
+        ctx = LayerContext(builder, layer, bottoms, tops, blobs, str(weights.path) if weights else None, position)
         handler = get_handler(layer.type)
         assert handler is not None
         handler.convert(layer, ctx)
@@ -162,8 +190,8 @@ def convert_net(
         for j, w in enumerate(layer.loss_weight):
             if w and j < len(layer.top):
                 consumers[(i, j)] += 1
-        params_used = [n for n, p in builder.params.params.items() if any(u[0] == layer.name for u in p.users)]
-        records.append(metadata.LayerRecord(layer.name, layer.type, bottoms, tops, params_used))
+        params_used = [n for n, p in builder.params.params.items() if any(u.position == position for u in p.users)]
+        records.append(metadata.LayerRecord(layer.name, layer.type, bottoms, tops, params_used, position))
 
     fed = [name for name, _, _ in builder.inputs]
     unknown = [name for name in opts.input_shapes if name not in fed]
@@ -199,7 +227,7 @@ def convert_net(
     )
     model.ir_version = helper.find_min_ir_version_for(list(model.opset_import))
     props = metadata.build_metadata(
-        net, opts.phase, records, builder.params, level=opts.level, stages=opts.stages,
+        net, opts.phase, records, builder.params, level=state.level, stages=list(state.stage),
         input_shapes={name: shape for name, shape, _ in builder.inputs},
     )
     for key, value in props.items():
@@ -211,11 +239,20 @@ def convert_net(
     return ConvertedModel(model, arrays, dict(builder.shapes))
 
 
-def _check_weights_cover(layers: list[caffe_pb2.LayerParameter], weights: CaffeWeights, opts: ConvertOptions) -> None:
+def _check_weights_cover(layers: list[caffe_pb2.LayerParameter], positions: list[int], gets_weights: dict[str, int],
+                         weights: CaffeWeights, opts: ConvertOptions) -> None:
     """Every layer with params must find its blobs in the caffemodel (unless --init-missing)."""
     if opts.init_missing:
         return
-    missing = [layer.name for layer in layers if layer.name not in weights.blobs and has_params(layer)]
+    learnable = [(p, layer) for p, layer in zip(positions, layers) if has_params(layer)]
+    repeated = [f"{layer.name!r} (layer {p})" for p, layer in learnable if gets_weights[layer.name] != p]
+    if repeated:
+        raise WeightsError(
+            f"{weights.path}: layer(s) {', '.join(repeated)} repeat the name of an earlier layer with params; Caffe "
+            "copies a caffemodel's blobs to the first layer of each name only, so these would keep their fillers: "
+            "rename them, or pass --init-missing to accept the fillers"
+        )
+    missing = [layer.name for _, layer in learnable if layer.name not in weights.blobs]
     if missing:
         raise WeightsError(
             f"{weights.path}: no weights for layer(s) {', '.join(repr(m) for m in missing)}; is this caffemodel "

@@ -108,9 +108,11 @@ class LayerContext:
         outputs: list[str],
         blobs: list[Blob] | None,
         weights_source: str | None,
+        position: int = 0,
     ) -> None:
         self.builder = builder
         self.layer = layer
+        self.position = position  # where the layer stands in the net: its identity (names may repeat)
         self.name = layer.name
         self.type = layer.type
         self.inputs = inputs
@@ -154,7 +156,7 @@ class LayerContext:
         spec = self.layer.param[index] if index < len(self.layer.param) else default_spec
         data = self._blob_data(index, shape, filler)
         param = self.builder.params.add(
-            self.name, index, spec, shape, data, f"{self.name}.{role}", self.builder._names,
+            self.name, self.position, index, spec, shape, data, f"{self.name}.{role}", self.builder._names,
             self._weights_source if self._blobs is not None else None,
         )
         self.builder.reserve(param.name)

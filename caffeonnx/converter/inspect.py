@@ -28,7 +28,7 @@ from rich.table import Table
 
 from caffeonnx.converter import metadata
 from caffeonnx.converter.caffe_io import _is_text
-from caffeonnx.converter.caffe_to_onnx import convert_net, filter_layers, load_net, load_weights
+from caffeonnx.converter.caffe_to_onnx import convert_net, load_net, load_weights
 from caffeonnx.converter.context import ConvertOptions
 from caffeonnx.converter.onnx_io import load_onnx
 from caffeonnx.converter.params import ParamTable
@@ -45,6 +45,7 @@ class ParamUser:
     layer: str
     index: int
     shape: list[int]
+    position: int  # the layer's position in the net (names may repeat)
 
 
 @dataclass
@@ -64,7 +65,7 @@ class ParamInfo:
     @property
     def shared(self) -> bool:
         """Used by more than one layer (Caffe: one blob, several owners' views)."""
-        return len({u.layer for u in self.users}) > 1
+        return len({u.position for u in self.users}) > 1
 
 
 @dataclass
@@ -100,7 +101,7 @@ class Inspection:
         self.unique_param_count = sum(p.count for p in self.params)
         self.unique_param_bytes = sum(p.bytes for p in self.params)
         if self.producer == "caffe" or self.producer == "caffeonnx":
-            copies = sum(p.count * len({u.layer for u in p.users}) for p in self.params)
+            copies = sum(p.count * len({u.position for u in p.users}) for p in self.params)
             self.per_layer_param_count, self.per_layer_param_bytes = copies, copies * CAFFE_ITEMSIZE
         else:
             self.per_layer_param_count = self.per_layer_param_bytes = None
@@ -173,18 +174,17 @@ def _from_caffeonnx_metadata(
     meta = metadata.read_metadata(model)
     net = metadata.caffe_net_from(model) or caffe_pb2.NetParameter()
     phase = meta.get(metadata.KEY_PHASE)
-    # The stored net holds every phase's layers (TRAIN and TEST data layers often share a name).
-    kept = filter_layers(net, ConvertOptions(phase=caffe_pb2.Phase.Value(phase))) if phase else list(net.layer)
-    caffe_layers = {layer.name: layer for layer in kept}
     sizes = {t.name: _tensor_itemsize(t.data_type) for t in model.graph.initializer}
     records = metadata.param_records(model)
     params = _params_from_records(records, lambda name: itemsize or sizes.get(name, CAFFE_ITEMSIZE))
     layers = []
     for rec in metadata.layer_records(model):
-        caffe = caffe_layers.get(rec.name)
+        # Records point at their layer by position: the stored net holds every phase's layers, names may repeat.
+        caffe = net.layer[rec.index] if 0 <= rec.index < len(net.layer) else None
         bottoms = list(caffe.bottom) if caffe is not None else rec.bottoms
         tops = list(caffe.top) if caffe is not None else rec.tops
-        layers.append(_layer_info(rec.name, rec.type, bottoms, tops, [shapes.get(t) for t in rec.tops], params))
+        layers.append(_layer_info(rec.index, rec.name, rec.type, bottoms, tops, [shapes.get(t) for t in rec.tops],
+                                  params))
     return Inspection(path, fmt, producer, net.name, phase, layers, params)
 
 
@@ -193,8 +193,7 @@ def _params_from_records(records: list[dict], itemsize: Callable[[str], int]) ->
     params = []
     for rec in records:
         shape = [int(d) for d in rec["shape"]]
-        views = {(layer, index): shape_ for layer, index, shape_ in rec.get("user_shapes", [])}
-        users = [ParamUser(layer, index, list(views.get((layer, index), shape))) for layer, index in rec["users"]]
+        users = [ParamUser(u.layer, u.index, list(u.shape), u.position) for u in metadata.param_uses(rec)]
         count = math.prod(shape)
         params.append(ParamInfo(
             rec["name"], rec["caffe_name"], shape, count, count * itemsize(rec["name"]), users,
@@ -204,6 +203,7 @@ def _params_from_records(records: list[dict], itemsize: Callable[[str], int]) ->
 
 
 def _layer_info(
+    position: int,
     name: str,
     type_: str,
     bottoms: list[str],
@@ -212,7 +212,7 @@ def _layer_info(
     params: list[ParamInfo],
 ) -> LayerInfo:
     """A LayerInfo whose params are those `params` list this layer as a user of, in blob order."""
-    mine = sorted((u.index, p.name, u.shape) for p in params for u in p.users if u.layer == name)
+    mine = sorted((u.index, p.name, u.shape) for p in params for u in p.users if u.position == position)
     return LayerInfo(name, type_, bottoms, tops, top_shapes, [n for _, n, _ in mine], [s for _, _, s in mine])
 
 
@@ -220,16 +220,17 @@ def _inspect_caffemodel(path: Path) -> Inspection:
     """Layers as stored; blobs grouped by param name (a shared blob's per-layer copies must agree)."""
     weights = load_weights(path)
     table = ParamTable(str(path))
-    for layer in weights.net.layer:
+    for position, layer in enumerate(weights.net.layer):
         for index, blob in enumerate(weights.blobs.get(layer.name, [])):
             spec = layer.param[index] if index < len(layer.param) else None
             shape = tuple(int(d) for d in blob.data.shape)
-            table.add(layer.name, index, spec, shape, blob.data, f"{layer.name}.blob{index}", set(), str(path))
+            table.add(layer.name, position, index, spec, shape, blob.data, f"{layer.name}.blob{index}", set(),
+                      str(path))
     records = json.loads(metadata.build_metadata(weights.net, caffe_pb2.TEST, [], table)[metadata.KEY_PARAMS])
     params = _params_from_records(records, lambda _name: CAFFE_ITEMSIZE)
     layers = [
-        _layer_info(layer.name, layer.type, list(layer.bottom), list(layer.top), [], params)
-        for layer in weights.net.layer
+        _layer_info(position, layer.name, layer.type, list(layer.bottom), list(layer.top), [], params)
+        for position, layer in enumerate(weights.net.layer)
     ]
     return Inspection(str(path), "caffemodel", "caffe", weights.net.name, None, layers, params)
 
@@ -244,7 +245,7 @@ def _inspect_foreign(model: ModelProto, shapes: dict[str, list[Dim]], path: str)
         op = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
         for index, value in enumerate(node.input):
             if value in inits:
-                users[value].append(ParamUser(name, index, [int(d) for d in inits[value].dims]))
+                users[value].append(ParamUser(name, index, [int(d) for d in inits[value].dims], i))
         bottoms = [v for v in node.input if v and v not in inits]
         tops = [v for v in node.output if v]
         layers.append(LayerInfo(

@@ -13,24 +13,33 @@ Keys (all values are strings):
   converted with (batch included, after --batch/--input-shape): the ONNX input may
   show a symbolic batch, and shapes given on the command line are nowhere else.
 - `caffe.layers`: JSON list, one entry per converted layer in order:
-  {"name", "type", "bottoms": [ONNX values], "tops": [ONNX values], "params": [initializers]}.
+  {"name", "type", "index": position in `caffe.net`'s layer list, "bottoms": [ONNX values],
+  "tops": [ONNX values], "params": [initializers]}.
 - `caffe.params`: JSON list, one entry per initializer: {"name", "caffe_name",
-  "shape", "lr_mult", "decay_mult", "share_mode", "users": [[layer, blob index]],
-  "user_shapes": [[layer, blob index, shape]] for users viewing it with another shape}.
+  "shape", "lr_mult", "decay_mult", "share_mode", "users": [[layer, blob index, position]],
+  "user_shapes": [[layer, blob index, shape, position]] for users viewing it with another shape}.
+
+A layer is identified by its POSITION in `caffe.net` (Caffe allows repeated layer
+names: its own examples have three layers named `data` and two named `loss`); the
+name is kept for messages.  Format "1" files (no positions) are read by resolving each
+name to the first converted layer of that name, which is what they meant.
 """
 from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from google.protobuf import text_format
 from onnx import ModelProto
 
-from caffeonnx.converter.params import ParamTable
 from caffeonnx.proto import caffe_pb2
 
-FORMAT = "1"
+if TYPE_CHECKING:  # params.py builds on ParamUse, defined here
+    from caffeonnx.converter.params import ParamTable
+
+FORMAT = "2"
 KEY_FORMAT = "caffeonnx.format"
 KEY_NET = "caffe.net"
 KEY_PHASE = "caffe.phase"
@@ -49,6 +58,17 @@ class LayerRecord:
     bottoms: list[str]
     tops: list[str]
     params: list[str]
+    index: int = -1  # position in the stored net's layer list: the layer's identity
+
+
+@dataclass(frozen=True)
+class ParamUse:
+    """One layer's use of a learnable blob: which layer (by position), which of its blobs, and its own shape."""
+
+    layer: str  # the layer's name, for messages
+    index: int  # blob index within the layer
+    shape: tuple[int, ...]
+    position: int  # the layer's position in the stored net (its identity)
 
 
 def net_without_blobs(net: caffe_pb2.NetParameter) -> caffe_pb2.NetParameter:
@@ -79,9 +99,9 @@ def build_metadata(
             "lr_mult": 1.0 if p.lr_mult is None else p.lr_mult,
             "decay_mult": 1.0 if p.decay_mult is None else p.decay_mult,
             "share_mode": caffe_pb2.ParamSpec.DimCheckMode.Name(p.share_mode),
-            "users": [[layer, index] for layer, index, _ in p.users],
+            "users": [[u.layer, u.index, u.position] for u in p.users],
             # Users that view the blob with another shape of the same count (PERMISSIVE sharing).
-            "user_shapes": [[layer, index, list(shape)] for layer, index, shape in p.users if shape != p.shape],
+            "user_shapes": [[u.layer, u.index, list(u.shape), u.position] for u in p.users if u.shape != p.shape],
         }
         for p in params.params.values()
     ]
@@ -110,15 +130,65 @@ def caffe_net_from(model: ModelProto) -> caffe_pb2.NetParameter | None:
 
 
 def layer_records(model: ModelProto) -> list[LayerRecord]:
-    """The per-layer records of a caffeonnx model ([] for foreign ONNX)."""
+    """The per-layer records of a caffeonnx model, each with its position in the stored net ([] for foreign ONNX)."""
     raw = read_metadata(model).get(KEY_LAYERS)
-    return [LayerRecord(**r) for r in json.loads(raw)] if raw else []
+    records = [LayerRecord(**r) for r in json.loads(raw)] if raw else []
+    if any(r.index < 0 for r in records):
+        # Format 1: the records are the layers the stored NetState kept, in order.
+        net, state = caffe_net_from(model), net_state(model)
+        if net is not None:
+            if state is None:
+                state = caffe_pb2.NetState(phase=caffe_pb2.Phase.Value(read_metadata(model).get(KEY_PHASE, "TEST")))
+            kept = [i for i, layer in enumerate(net.layer) if layer_included(layer, state)]
+            for rec, position in zip(records, kept):
+                rec.index = position
+    return records
 
 
 def param_records(model: ModelProto) -> list[dict]:
-    """The per-initializer param records of a caffeonnx model ([] for foreign ONNX)."""
+    """The per-initializer param records of a caffeonnx model ([] for foreign ONNX).
+
+    Every entry of "users" is [layer, blob index, position] and of "user_shapes"
+    [layer, blob index, shape, position], whatever the file's format.
+    """
     raw = read_metadata(model).get(KEY_PARAMS)
-    return json.loads(raw) if raw else []
+    records = json.loads(raw) if raw else []
+    if any(len(u) < 3 for r in records for u in r.get("users", [])):
+        first: dict[str, int] = {}
+        for rec in layer_records(model):
+            first.setdefault(rec.name, rec.index)
+        for r in records:
+            r["users"] = [[u[0], u[1], first.get(u[0], -1)] for u in r.get("users", [])]
+            r["user_shapes"] = [[u[0], u[1], u[2], first.get(u[0], -1)] for u in r.get("user_shapes", [])]
+    return records
+
+
+def param_uses(record: dict) -> list[ParamUse]:
+    """The users of one param record (from `param_records`), each with its own shape."""
+    shape = tuple(int(d) for d in record["shape"])
+    views = {(int(u[3]), int(u[1])): tuple(int(d) for d in u[2]) for u in record.get("user_shapes", [])}
+    return [ParamUse(str(u[0]), int(u[1]), views.get((int(u[2]), int(u[1])), shape), int(u[2]))
+            for u in record.get("users", [])]
+
+
+def meets_rule(rule: caffe_pb2.NetStateRule, state: caffe_pb2.NetState) -> bool:
+    """Caffe's Net::StateMeetsRule."""
+    if rule.HasField("phase") and rule.phase != state.phase:
+        return False
+    if rule.HasField("min_level") and state.level < rule.min_level:
+        return False
+    if rule.HasField("max_level") and state.level > rule.max_level:
+        return False
+    if any(s not in state.stage for s in rule.stage):
+        return False
+    return not any(s in state.stage for s in rule.not_stage)
+
+
+def layer_included(layer: caffe_pb2.LayerParameter, state: caffe_pb2.NetState) -> bool:
+    """Caffe's Net::FilterNet for one layer: any include rule met, else no exclude rule met."""
+    if layer.include:
+        return any(meets_rule(r, state) for r in layer.include)
+    return not any(meets_rule(r, state) for r in layer.exclude)
 
 
 def net_state(model: ModelProto) -> caffe_pb2.NetState | None:

@@ -27,10 +27,11 @@ from caffeonnx.proto import caffe_pb2
 
 @dataclass
 class CaffeNet:
-    """A Caffe net and its weights: layer name -> blobs in Caffe's order."""
+    """A Caffe net and its weights: layer -> blobs in Caffe's order."""
 
     net: caffe_pb2.NetParameter
-    blobs: dict[str, list[np.ndarray]] = field(default_factory=dict)
+    # by layer position in `net` (a restored caffeonnx model), or by name (foreign ONNX: names are unique)
+    blobs: dict[int | str, list[np.ndarray]] = field(default_factory=dict)
 
     def save(self, prototxt: str | os.PathLike[str], caffemodel: str | os.PathLike[str] | None = None) -> None:
         """Write the prototxt (and the caffemodel); both or neither appear."""
@@ -51,38 +52,40 @@ def initializer_arrays(model: ModelProto) -> dict[str, np.ndarray]:
     return arrays
 
 
-def _restore(model: ModelProto, batch: int | None) -> CaffeNet:
-    """Rebuild the Caffe net recorded by caffeonnx, with blobs from the initializers."""
+def _restore(model: ModelProto, batch: int | None, state: caffe_pb2.NetState | None = None) -> CaffeNet:
+    """Rebuild the Caffe net recorded by caffeonnx, with blobs from the initializers.
+
+    Blobs are keyed by layer position (names may repeat).  The prototxt's `state` gets the
+    stages and level the model was converted with (or `state`), so Caffe selects the same layers.
+    """
     net = metadata.caffe_net_from(model)
     assert net is not None
     arrays = initializer_arrays(model)
-    records = metadata.param_records(model)
-    blobs: dict[str, dict[int, np.ndarray]] = {}
-    for rec in records:
+    blobs: dict[int, dict[int, np.ndarray]] = {}
+    for rec in metadata.param_records(model):
         if rec["name"] not in arrays:
             raise CaffeOnnxError(
                 f"the model's caffeonnx metadata names initializer {rec['name']!r}, which the graph lacks; the graph "
                 "was edited after conversion: convert the edited model as foreign ONNX by removing its metadata"
             )
         data = arrays[rec["name"]]
-        for layer, index in rec["users"]:
-            blobs.setdefault(layer, {})[index] = data
-    converted = {r.name for r in metadata.layer_records(model)}
-    layer_shapes: dict[str, dict[int, list[int]]] = {}
-    for rec in records:
-        for layer, index, shape in rec.get("user_shapes", []):
-            layer_shapes.setdefault(layer, {})[index] = shape
+        for use in metadata.param_uses(rec):
+            blobs.setdefault(use.position, {})[use.index] = data.reshape(use.shape)
+    converted = {r.index for r in metadata.layer_records(model)}
     out = CaffeNet(net)
-    for layer in net.layer:
-        if layer.name not in blobs:
-            continue
-        got = blobs[layer.name]
-        arrays_in_order = [got[i] for i in sorted(got)]
-        shapes = layer_shapes.get(layer.name, {})
-        out.blobs[layer.name] = [a.reshape(shapes.get(i, a.shape)) for i, a in enumerate(arrays_in_order)]
-    missing = [layer.name for layer in net.layer if layer.name in converted and layer.name not in out.blobs and has_params(layer)]
+    for position, got in blobs.items():
+        out.blobs[position] = [got[i] for i in sorted(got)]
+    missing = [layer.name for i, layer in enumerate(net.layer)
+               if i in converted and i not in out.blobs and has_params(layer)]
     if missing:
         raise CaffeOnnxError(f"no weights recorded for layer(s) {missing}; the model's metadata is inconsistent")
+    chosen = state if state is not None else metadata.net_state(model)
+    if chosen is not None:
+        added = [s for s in chosen.stage if s not in net.state.stage]
+        if added:
+            net.state.stage.extend(added)
+        if chosen.level:
+            net.state.level = chosen.level
     if batch is not None:
         _set_batch(net, batch)
     return out
@@ -96,13 +99,15 @@ def _set_batch(net: caffe_pb2.NetParameter, batch: int) -> None:
                     shape.dim[0] = batch
 
 
-def onnx_to_caffe(model: ModelProto, batch: int | None = None, extensions: bool = False) -> CaffeNet:
+def onnx_to_caffe(model: ModelProto, batch: int | None = None, extensions: bool = False,
+                  state: caffe_pb2.NetState | None = None) -> CaffeNet:
     """Convert an ONNX model to a Caffe net + weights (exact for caffeonnx's own models).
 
     `extensions` lets foreign models use layers/fields newer than BVLC Caffe 1.0 (Permute, Clip, round_mode).
+    `state` (stages, level) replaces the NetState recorded at conversion in the written prototxt.
     """
     if metadata.caffe_net_from(model) is not None:
-        return _restore(model, batch)
+        return _restore(model, batch, state)
     from caffeonnx.converter.foreign import convert_foreign
 
     return convert_foreign(model, batch, extensions)
@@ -114,8 +119,9 @@ def convert_to_caffe_files(
     caffemodel: str | os.PathLike[str] | None = None,
     batch: int | None = None,
     extensions: bool = False,
+    state: caffe_pb2.NetState | None = None,
 ) -> CaffeNet:
     """`caffeonnx to-caffe`: read ONNX, write prototxt (+ caffemodel) atomically."""
-    result = onnx_to_caffe(load_onnx(onnx_path), batch, extensions)
+    result = onnx_to_caffe(load_onnx(onnx_path), batch, extensions, state)
     result.save(prototxt, caffemodel)
     return result

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from caffeonnx.converter.metadata import ParamUse
 from caffeonnx.errors import SharedParamError, WeightsError
 from caffeonnx.proto import caffe_pb2
 
@@ -32,7 +33,7 @@ class Param:
     share_mode: int = caffe_pb2.ParamSpec.STRICT
     lr_mult: float | None = None  # None: never set, Caffe's default 1 applies
     decay_mult: float | None = None
-    users: list[tuple[str, int, tuple[int, ...]]] = field(default_factory=list)
+    users: list[ParamUse] = field(default_factory=list)
 
 
 class ParamTable:
@@ -46,6 +47,7 @@ class ParamTable:
     def add(
         self,
         layer: str,
+        position: int,
         index: int,
         spec: caffe_pb2.ParamSpec | None,
         shape: tuple[int, ...],
@@ -54,7 +56,7 @@ class ParamTable:
         taken: set[str],
         weights_source: str | None = None,
     ) -> Param:
-        """Register blob `index` of `layer`; returns the (possibly shared) Param.
+        """Register blob `index` of `layer` (at `position` in the net); returns the (possibly shared) Param.
 
         `weights_source` names the caffemodel `data` was read from; None means a filler made it.
         """
@@ -73,7 +75,7 @@ class ParamTable:
                     param.lr_mult = spec.lr_mult
                 if spec.HasField("decay_mult"):
                     param.decay_mult = spec.decay_mult
-            param.users.append((layer, index, shape))
+            param.users.append(ParamUse(layer, index, shape, position))
             self.params[name] = param
             if caffe_name:
                 self._by_caffe_name[caffe_name] = param
@@ -88,7 +90,7 @@ class ParamTable:
                 f"layer {layer!r} (max abs difference {diff:g}); Caffe keeps one copy per layer and "
                 "they must be identical: re-save the caffemodel from Caffe"
             )
-        owner.users.append((layer, index, shape))
+        owner.users.append(ParamUse(layer, index, shape, position))
         return owner
 
     def _check_share(self, owner: Param, layer: str, spec: caffe_pb2.ParamSpec, shape: tuple[int, ...]) -> None:

@@ -96,8 +96,8 @@ def weights_from_onnx(path: str | os.PathLike[str]) -> CaffeWeights:
     per_layer: dict[str, dict[int, Blob]] = {}
     for rec in records:
         arr = np.asarray(arrays[rec["name"]], dtype=np.float32)
-        for layer, index in rec["users"]:
-            per_layer.setdefault(layer, {})[int(index)] = Blob(arr)
+        for use in metadata.param_uses(rec):
+            per_layer.setdefault(use.layer, {})[use.index] = Blob(arr.reshape(use.shape))
     blobs = {layer: [by[i] for i in sorted(by)] for layer, by in per_layer.items()}
     return CaffeWeights(path=p, net=net, blobs=blobs)
 
@@ -117,7 +117,8 @@ def build_module(tn: TrainNet, weights: CaffeWeights | None, seed: int, phase: i
                           seed=seed)
     converted = convert_net(tn.net, weights, opts, tn.source)
     if weights is not None:
-        learnable = list(dict.fromkeys(u[0] for rec in metadata.param_records(converted.model) for u in rec["users"]))
+        learnable = list(dict.fromkeys(u.layer for rec in metadata.param_records(converted.model)
+                                       for u in metadata.param_uses(rec)))
         missing = [name for name in learnable if name not in weights.blobs]
         if learnable and len(missing) == len(learnable):
             raise WeightsError(f"{weights.path}: none of the layers with params ({', '.join(learnable)}) is in these "

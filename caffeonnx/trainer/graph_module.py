@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -33,8 +33,7 @@ from torch import nn
 
 from caffeonnx.converter import metadata
 from caffeonnx.converter.caffe_io import CaffeWeights, write_caffemodel
-from caffeonnx.converter.caffe_to_onnx import ConvertedModel, filter_layers
-from caffeonnx.converter.context import ConvertOptions
+from caffeonnx.converter.caffe_to_onnx import ConvertedModel
 from caffeonnx.converter.layers.loss import effective_loss_weights, normalization_mode
 from caffeonnx.errors import CaffeOnnxError, UnsupportedError
 from caffeonnx.proto import caffe_pb2
@@ -54,9 +53,8 @@ class ParamInfo:
     name: str
     lr_mult: float
     decay_mult: float
-    users: list[tuple[str, int]]  # (Caffe layer, blob index) for every layer sharing it
+    users: list[metadata.ParamUse]  # every layer sharing it (by position), with the shape it sees
     dtype: np.dtype  # storage dtype of the initializer (float16 when converted with --fp16)
-    views: dict[tuple[str, int], tuple[int, ...]] = field(default_factory=dict)  # PERMISSIVE users' own shapes
 
 
 @dataclass
@@ -67,6 +65,7 @@ class LossTerm:
     blob: str  # Caffe top name
     layer: str
     weight: float
+    position: int = -1  # the layer's position in the net (names may repeat)
 
 
 @dataclass
@@ -101,17 +100,26 @@ def _attr_value(attr: onnx.AttributeProto, node: onnx.NodeProto) -> Any:
     return value
 
 
-def _caffe_layers(model: ModelProto, records: list[metadata.LayerRecord]) -> dict[str, caffe_pb2.LayerParameter]:
-    """The LayerParameter of every converted layer, by name (phase-filtered first)."""
+def _caffe_layers(model: ModelProto, records: list[metadata.LayerRecord]) -> list[caffe_pb2.LayerParameter | None]:
+    """The LayerParameter of every converted layer, aligned with `records` (found by position, never by name)."""
     net = metadata.caffe_net_from(model)
     if net is None:
-        return {}
-    phase = caffe_pb2.Phase.Value(metadata.read_metadata(model).get(metadata.KEY_PHASE, "TEST"))
-    found: dict[str, caffe_pb2.LayerParameter] = {}
-    for layer in [*filter_layers(net, ConvertOptions(phase=phase)), *net.layer]:
-        found.setdefault(layer.name, layer)
-    names = {r.name for r in records}
-    return {k: v for k, v in found.items() if k in names}
+        return [None] * len(records)
+    return [net.layer[r.index] if 0 <= r.index < len(net.layer) else None for r in records]
+
+
+def find_layer(records: Sequence[metadata.LayerRecord], name: str, what: str = "") -> int:
+    """The record index of the layer a user named; refuses a name that several layers share, listing them."""
+    found = [k for k, r in enumerate(records) if r.name == name]
+    where = f"{what}: " if what else ""
+    if not found:
+        raise CaffeOnnxError(f"{where}no layer named {name!r} in this net; its layers are {[r.name for r in records]}")
+    if len(found) > 1:
+        listed = ", ".join(f"#{records[k].index} ({records[k].type}, tops {records[k].tops})" for k in found)
+        raise CaffeOnnxError(f"{where}layer name {name!r} is ambiguous: {len(found)} layers have it ({listed}); "
+                             "rename one of them in the prototxt (Caffe allows repeated names, but a name given "
+                             "here must pick one layer)")
+    return found[0]
 
 
 class GraphModule(nn.Module):
@@ -126,7 +134,7 @@ class GraphModule(nn.Module):
         opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 21)
         arrays = dict(weights) if weights is not None else {t.name: numpy_helper.to_array(t) for t in graph.initializer}
         self.records = metadata.layer_records(model)
-        self.layers = _caffe_layers(model, self.records)
+        self.caffe_layers = _caffe_layers(model, self.records)  # aligned with records: one entry per layer
         self.phase = metadata.read_metadata(model).get(metadata.KEY_PHASE, "TEST")
 
         records = {r["name"]: r for r in metadata.param_records(model)}
@@ -141,8 +149,7 @@ class GraphModule(nn.Module):
                 continue
             rec = records.get(name, {})
             info = ParamInfo(name, float(rec.get("lr_mult", 1.0)), float(rec.get("decay_mult", 1.0)),
-                             [(u[0], int(u[1])) for u in rec.get("users", [])], arr.dtype,
-                             {(u[0], int(u[1])): tuple(u[2]) for u in rec.get("user_shapes", [])})
+                             metadata.param_uses(rec) if rec else [], arr.dtype)
             self._param_index[name] = len(self.param_info)
             self.param_info.append(info)
             self.params.append(nn.Parameter(torch.from_numpy(np.array(arr, dtype=np.float32))))
@@ -163,7 +170,7 @@ class GraphModule(nn.Module):
         self.loss_terms = self._find_loss_terms()
         self.overrides = self._find_overrides()
         self._plans: dict[tuple[tuple[str, ...], bool, frozenset[str]], list[tuple[_Step, list[str]]]] = {}
-        self.train_transforms: dict[str, tuple[str, Callable[[Tensor], Tensor]]] = {}
+        self.train_transforms: dict[int, tuple[str, Callable[[Tensor], Tensor]]] = {}  # by layer position
         self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)
 
@@ -209,28 +216,26 @@ class GraphModule(nn.Module):
     def _find_loss_terms(self) -> list[LossTerm]:
         """Caffe's objective: every top with a non-zero loss_weight (1 on top 0 of loss layers by default)."""
         terms = []
-        for rec in self.records:
-            layer = self.layers.get(rec.name)
+        for rec, layer in zip(self.records, self.caffe_layers):
             if layer is None:
                 continue
             for j, w in enumerate(effective_loss_weights(layer)):
                 if w and j < len(rec.tops):
-                    terms.append(LossTerm(rec.tops[j], layer.top[j], layer.name, float(w)))
+                    terms.append(LossTerm(rec.tops[j], layer.top[j], layer.name, float(w), rec.index))
         return terms
 
-    def _find_overrides(self) -> dict[str, LayerOverride]:
-        """TRAIN-phase forwards of the Caffe layers whose inference graph differs or trains slower."""
-        found: dict[str, LayerOverride] = {}
-        for rec in self.records:
-            layer = self.layers.get(rec.name)
+    def _find_overrides(self) -> dict[int, LayerOverride]:
+        """TRAIN-phase forwards of the Caffe layers whose inference graph differs or trains slower (by position)."""
+        found: dict[int, LayerOverride] = {}
+        for rec, layer in zip(self.records, self.caffe_layers):
             if layer is None:
                 continue
             if layer.type == "Dropout":
-                found[rec.name] = LayerOverride(rec.name, rec.bottoms, rec.tops, self._dropout(layer))
+                found[rec.index] = LayerOverride(rec.name, rec.bottoms, rec.tops, self._dropout(layer))
             elif layer.type == "BatchNorm" and not layer.batch_norm_param.use_global_stats and len(rec.params) == 3:
-                found[rec.name] = LayerOverride(rec.name, rec.bottoms, rec.tops, self._batch_norm(layer, rec.params))
+                found[rec.index] = LayerOverride(rec.name, rec.bottoms, rec.tops, self._batch_norm(layer, rec.params))
             elif layer.type == "SigmoidCrossEntropyLoss" and len(rec.bottoms) == 2 and len(rec.tops) == 1:
-                found[rec.name] = LayerOverride(rec.name, rec.bottoms, rec.tops, self._sigmoid_cross_entropy(layer))
+                found[rec.index] = LayerOverride(rec.name, rec.bottoms, rec.tops, self._sigmoid_cross_entropy(layer))
         return found
 
     def _dropout(self, layer: caffe_pb2.LayerParameter) -> Callable[[list[Tensor]], list[Tensor]]:
@@ -307,11 +312,10 @@ class GraphModule(nn.Module):
 
         Returns the ONNX value transformed.  Inference and exported graphs are untouched.
         """
-        rec = next((r for r in self.records if r.name == layer), None)
-        if rec is None or not rec.tops:
-            names = [r.name for r in self.records]
-            raise CaffeOnnxError(f"no layer named {layer!r} with a top in this net; its layers are {names}")
-        self.train_transforms[layer] = (rec.tops[0], fn)
+        rec = self.records[find_layer(self.records, layer)]
+        if not rec.tops:
+            raise CaffeOnnxError(f"layer {layer!r} has no top to transform")
+        self.train_transforms[rec.index] = (rec.tops[0], fn)
         self._plans.clear()
         return rec.tops[0]
 
@@ -345,7 +349,8 @@ class GraphModule(nn.Module):
                                    f"Caffe layer {ov.layer!r} (TRAIN)"))
                 for t in ov.tops:
                     producer[t] = index
-            for layer, (top, fn) in self.train_transforms.items():
+            for at, (top, fn) in self.train_transforms.items():
+                layer = next(r.name for r in self.records if r.index == at)
                 j = producer[top]
                 before = f"{top}#before:{layer}"
                 src = steps[j]
@@ -479,14 +484,21 @@ class GraphModule(nn.Module):
                 p.copy_(torch.from_numpy(np.array(arr, dtype=np.float32)))
 
     def load_caffe_weights(self, weights: CaffeWeights) -> list[str]:
-        """Copy each param from the first of its layers found in a caffemodel; returns the params not found."""
+        """Copy each param from the first of its layers found in a caffemodel; returns the params not found.
+
+        As Caffe's CopyTrainedLayersFrom, a caffemodel layer's blobs go to the FIRST layer of that name.
+        """
+        first: dict[str, int] = {}
+        for rec in self.records:
+            first.setdefault(rec.name, rec.index)
         missing, arrays = [], {}
         for info, p in self.named_blobs():
-            found = next(((layer, i) for layer, i in info.users if len(weights.blobs.get(layer, ())) > i), None)
+            found = next((u for u in info.users
+                          if first.get(u.layer) == u.position and len(weights.blobs.get(u.layer, ())) > u.index), None)
             if found is None:
                 missing.append(info.name)
                 continue
-            arr = weights.blobs[found[0]][found[1]].data
+            arr = weights.blobs[found.layer][found.index].data
             arrays[info.name] = arr.reshape(tuple(p.shape)) if arr.size == p.numel() else arr
         self.load_arrays(arrays, str(weights.path))
         return missing
@@ -505,15 +517,16 @@ class GraphModule(nn.Module):
         """Write the graph with the trained initializers (atomically)."""
         self.to_converted().save(path)
 
-    def caffe_blobs(self) -> dict[str, list[np.ndarray]]:
-        """Each Caffe layer's param blobs; a shared blob appears in every layer that uses it, as Caffe writes it."""
-        blobs: dict[str, dict[int, np.ndarray]] = {}
+    def caffe_blobs(self) -> dict[int, list[np.ndarray]]:
+        """Each layer's param blobs by its position in `caffe_net()`; a shared blob appears in every layer using it."""
+        where = {rec.index: k for k, rec in enumerate(r for r, layer in zip(self.records, self.caffe_layers) if layer)}
+        blobs: dict[int, dict[int, np.ndarray]] = {}
         for info, p in self.named_blobs():
             value = p.detach().cpu().numpy().astype(np.float32)
-            for layer, index in info.users:
-                view = info.views.get((layer, index))
-                blobs.setdefault(layer, {})[index] = value.reshape(view) if view is not None else value
-        return {layer: [by_index[i] for i in sorted(by_index)] for layer, by_index in blobs.items()}
+            for use in info.users:
+                if use.position in where:
+                    blobs.setdefault(where[use.position], {})[use.index] = value.reshape(use.shape)
+        return {k: [by_index[i] for i in sorted(by_index)] for k, by_index in blobs.items()}
 
     def caffe_net(self) -> caffe_pb2.NetParameter:
         """The converted layers of the stored Caffe net, in order (what Caffe's Net::ToProto lists)."""
@@ -523,8 +536,7 @@ class GraphModule(nn.Module):
         out = caffe_pb2.NetParameter()
         out.CopyFrom(net)
         del out.layer[:]
-        for rec in self.records:
-            layer = self.layers.get(rec.name)
+        for layer in self.caffe_layers:
             if layer is not None:
                 out.layer.add().CopyFrom(layer)
         return out

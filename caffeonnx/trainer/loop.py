@@ -18,7 +18,7 @@ from torch import nn
 
 from caffeonnx.errors import TrainingDiverged
 from caffeonnx.proto import caffe_pb2
-from caffeonnx.trainer.data import BatchSource, LmdbSource
+from caffeonnx.trainer.data import DataSource
 from caffeonnx.trainer.graph_module import GraphModule, ParamInfo
 from caffeonnx.trainer.solvers import SGDSolver, make_solver
 
@@ -66,7 +66,7 @@ class Trainer:
     is updated; stacked training passes its phase objective and the blobs it trains.
     """
 
-    def __init__(self, module: GraphModule, param: caffe_pb2.SolverParameter, data: BatchSource | LmdbSource,
+    def __init__(self, module: GraphModule, param: caffe_pb2.SolverParameter, data: DataSource,
                  source: str = "solver", objective: Objective | None = None,
                  blobs: Sequence[tuple[ParamInfo, nn.Parameter]] | None = None) -> None:
         self.module = module.train()

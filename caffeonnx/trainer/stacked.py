@@ -25,8 +25,8 @@ import torch
 
 from caffeonnx.errors import CaffeOnnxError
 from caffeonnx.proto import caffe_pb2
-from caffeonnx.trainer.data import BatchSource
-from caffeonnx.trainer.graph_module import GraphModule
+from caffeonnx.trainer.data import BatchSource, DataSource
+from caffeonnx.trainer.graph_module import GraphModule, find_layer
 from caffeonnx.trainer.loop import Iteration, Trainer
 
 Tensor = torch.Tensor
@@ -66,11 +66,8 @@ class StackedPlan:
     """The phases of a stack, resolved to ONNX values and initializers of one GraphModule."""
 
     def __init__(self, module: GraphModule, pairs: list[Pair]) -> None:
-        records = {r.name: r for r in module.records}
-        for pair in pairs:
-            for layer in (pair.encoder, pair.decoder):
-                if layer not in records:
-                    raise CaffeOnnxError(f"--stacked: no layer named {layer!r}; the net's layers are {list(records)}")
+        records = {layer: module.records[find_layer(module.records, layer, "--stacked")]
+                   for pair in pairs for layer in (pair.encoder, pair.decoder)}
         self.module = module
         self.phases = []
         for i, pair in enumerate(pairs):
@@ -99,7 +96,7 @@ class StackedPlan:
         return run
 
     @torch.no_grad()
-    def cache_inputs(self, phase: _Phase, data: BatchSource) -> BatchSource:
+    def cache_inputs(self, phase: _Phase, data: DataSource) -> BatchSource:
         """x_i for every sample, computed once by the frozen layers below."""
         module = self.module.eval()
         count = min(data.samples.values())
@@ -112,7 +109,7 @@ class StackedPlan:
         return BatchSource({phase.x: cached}, {phase.x: (first, *cached.shape[1:])})
 
 
-def train_stacked(module: GraphModule, param: caffe_pb2.SolverParameter, data: BatchSource, pairs: list[Pair],
+def train_stacked(module: GraphModule, param: caffe_pb2.SolverParameter, data: DataSource, pairs: list[Pair],
                   iters: int, source: str, say: Callable[[str], None]) -> list[list[Iteration]]:
     """Run every greedy phase for `iters` iterations; returns each phase's iterations (weights stay in `module`)."""
     plan = StackedPlan(module, pairs)

@@ -17,7 +17,14 @@ from onnx import ModelProto
 
 from caffeonnx.converter import metadata
 from caffeonnx.converter.caffe_io import parse_prototxt
-from caffeonnx.converter.caffe_to_onnx import convert_files, convert_net, filter_layers, load_net, load_weights
+from caffeonnx.converter.caffe_to_onnx import (
+    convert_files,
+    convert_net,
+    filter_layers,
+    filter_positions,
+    load_net,
+    load_weights,
+)
 from caffeonnx.converter.context import ConvertOptions
 from caffeonnx.converter.upgrade import upgrade_net
 from caffeonnx.proto import caffe_pb2
@@ -74,15 +81,19 @@ def test_stored_net_is_the_upgraded_input_net_without_blobs(case: str, phase: in
     assert not any(layer.blobs for layer in stored.layer), f"{case}: caffe.net still carries blobs"
 
 
-def _expected_param_groups(case: str, phase: int) -> dict[object, set[tuple[str, int]]]:
-    """Caffe's sharing: blobs with the same ParamSpec name are one; others are one per (layer, index)."""
+def _expected_param_groups(case: str, phase: int) -> dict[object, set[tuple[str, int, int]]]:
+    """Caffe's sharing: blobs with the same ParamSpec name are one; others are one per (layer, index).
+
+    Each user is (layer name, blob index, layer position in the net).
+    """
     prototxt, caffemodel = _files(case)
     net, weights = load_net(prototxt), load_weights(caffemodel)
-    groups: dict[object, set[tuple[str, int]]] = {}
-    for layer in filter_layers(net, ConvertOptions(phase=phase)):
+    groups: dict[object, set[tuple[str, int, int]]] = {}
+    for position in filter_positions(net, caffe_pb2.NetState(phase=phase)):
+        layer = net.layer[position]
         for i in range(len(weights.blobs.get(layer.name, []))):
             name = layer.param[i].name if i < len(layer.param) else ""
-            groups.setdefault(name or (layer.name, i), set()).add((layer.name, i))
+            groups.setdefault(name or (layer.name, i), set()).add((layer.name, i, position))
     return groups
 
 
@@ -105,7 +116,7 @@ def test_params_carry_each_specs_multipliers(case: str, phase: int) -> None:
     prototxt, _ = _files(case)
     layers = {layer.name: layer for layer in load_net(prototxt).layer}
     for r in metadata.param_records(_convert(case, phase)):
-        for layer_name, index in r["users"]:
+        for layer_name, index, _ in r["users"]:
             params = layers[layer_name].param
             spec = params[index] if index < len(params) else caffe_pb2.ParamSpec()
             for attr in ("lr_mult", "decay_mult"):
@@ -113,7 +124,7 @@ def test_params_carry_each_specs_multipliers(case: str, phase: int) -> None:
                     assert r[attr] == pytest.approx(getattr(spec, attr)), (
                         f"{case}: {r['name']} {attr} vs {layer_name}[{index}]"
                     )
-        if not any(i < len(layers[u].param) and layers[u].param[i].HasField("lr_mult") for u, i in r["users"]):
+        if not any(i < len(layers[u].param) and layers[u].param[i].HasField("lr_mult") for u, i, _ in r["users"]):
             # Caffe's default is 1, except that BatchNorm's LayerSetUp freezes its statistics with lr_mult 0.
             default = 0.0 if layers[r["users"][0][0]].type == "BatchNorm" else 1.0
             assert r["lr_mult"] == default, (
@@ -217,7 +228,7 @@ def test_rich_net_params_and_state(phase: int, stages: tuple[str, ...], layers: 
     _, model = _rich(phase, stages)
     records = {r["name"]: r for r in metadata.param_records(model)}
     assert list(records) == ["W", "b_enc", "dec.bias", "cls.weight", "cls.bias"], list(records)
-    assert records["W"]["users"] == [["enc", 0], ["dec", 0]]
+    assert records["W"]["users"] == [["enc", 0, 1], ["dec", 0, 2]]  # [layer, blob index, position]
     assert (records["W"]["lr_mult"], records["W"]["decay_mult"]) == (1.0, 1.0)
     assert (records["b_enc"]["lr_mult"], records["b_enc"]["decay_mult"]) == (2.0, 0.0)
     assert (records["dec.bias"]["lr_mult"], records["dec.bias"]["decay_mult"], records["dec.bias"]["caffe_name"]) == (
@@ -225,7 +236,7 @@ def test_rich_net_params_and_state(phase: int, stages: tuple[str, ...], layers: 
         1.0,
         "",
     )
-    assert records["cls.weight"]["users"] == [["cls", 0]] and records["cls.weight"]["lr_mult"] == 1.0
+    assert [u[:2] for u in records["cls.weight"]["users"]] == [["cls", 0]] and records["cls.weight"]["lr_mult"] == 1.0
     assert metadata.read_metadata(model)[metadata.KEY_PHASE] == caffe_pb2.Phase.Name(phase)
     assert metadata.net_state(model) == caffe_pb2.NetState(phase=phase, level=0, stage=list(stages))
     assert metadata.input_shapes(model) == {"data": [8, 12], "label": [8]}

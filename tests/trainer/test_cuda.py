@@ -28,7 +28,7 @@ def test_losses_and_final_weights_match_caffe_on_cuda(case: str, monkeypatch: py
     param = load_solver(d / "solver.prototxt")
     tn = train_net(param, d / "solver.prototxt")
     module = build_module(tn, read_weights(d / "init.caffemodel"), seed=param.random_seed).to("cuda")
-    data = load_source(d / "data.npz", input_shapes(module.input_dims, list(module.layers.values())))
+    data = load_source(d / "data.npz", input_shapes(module.input_dims, [layer for layer in module.caffe_layers if layer]))
     trainer = Trainer(module, param, data, str(d / "solver.prototxt"))
     want = np.load(d / "losses.npy")
     records = trainer.step(len(want))

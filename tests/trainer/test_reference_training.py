@@ -31,13 +31,14 @@ def make_trainer(case_dir: Path) -> Trainer:
     param = load_solver(case_dir / "solver.prototxt")
     tn = train_net(param, case_dir / "solver.prototxt")
     module = build_module(tn, read_weights(case_dir / "init.caffemodel"), seed=param.random_seed)
-    data = load_source(case_dir / "data.npz", input_shapes(module.input_dims, list(module.layers.values())))
+    data = load_source(case_dir / "data.npz", input_shapes(module.input_dims, [layer for layer in module.caffe_layers if layer]))
     return Trainer(module, param, data, str(case_dir / "solver.prototxt"))
 
 
 def assert_weights_match(module: GraphModule, final: Path, atol: float, rtol: float) -> None:
     want = load_weights(final).blobs
-    got = module.caffe_blobs()
+    net = module.caffe_net()  # caffe_blobs() is keyed by position in it (names may repeat)
+    got = {net.layer[k].name: blobs for k, blobs in module.caffe_blobs().items()}
     assert sorted(got) == sorted(k for k, v in want.items() if v), "layers with params"
     for layer, blobs in got.items():
         assert len(blobs) == len(want[layer]), f"{layer}: blob count"
