@@ -24,4 +24,4 @@ def test_converter_layers_are_discovered_and_a_second_handler_is_refused() -> No
     types = [h.layer_type for h in supported_layers()]
     assert types == sorted(types) and "Convolution" in types
     with pytest.raises(RuntimeError, match=r"Caffe layer type 'InnerProduct' is already registered to .*inner_product"):
-        register_layer("InnerProduct")(lambda layer, ctx: None)
+        register_layer("InnerProduct", bottoms=1, tops=1)(lambda layer, ctx: None)

@@ -20,8 +20,9 @@ from caffeonnx import __version__
 from caffeonnx.converter import metadata
 from caffeonnx.converter.caffe_io import CaffeWeights, read_caffemodel, read_prototxt
 from caffeonnx.converter.context import ConvertOptions, GraphBuilder, LayerContext
+from caffeonnx.converter.layers.loss import effective_loss_weights
 from caffeonnx.converter.onnx_io import check_and_type_outputs, save_streaming, to_model_proto
-from caffeonnx.converter.registry import get_handler
+from caffeonnx.converter.registry import check_blob_counts, get_handler
 from caffeonnx.converter.upgrade import upgrade_net
 from caffeonnx.errors import CaffeOnnxError, LayerError, UnsupportedError, WeightsError
 from caffeonnx.proto import caffe_pb2
@@ -150,8 +151,9 @@ def convert_net(
     opts = options or ConvertOptions()
     state = net_state(net, opts)
     positions = filter_positions(net, state, source)
+    check_supported([net.layer[i] for i in positions], source)
+    net = _check_blob_counts(net, positions, source)
     layers = [net.layer[i] for i in positions]
-    check_supported(layers, source)
     # Caffe's CopyTrainedLayersFrom gives a source layer's blobs to the FIRST layer of that name only.
     gets_weights = {}
     for position, layer in zip(positions, layers):
@@ -237,6 +239,42 @@ def convert_net(
         arrays[p.name] = p.data.astype(np.float16) if opts.fp16 else p.data
     check_and_type_outputs(model, arrays)
     return ConvertedModel(model, arrays, dict(builder.shapes))
+
+
+def _check_blob_counts(net: caffe_pb2.NetParameter, positions: list[int], source: str) -> caffe_pb2.NetParameter:
+    """Every kept layer's bottom/top counts against its type's contract (Caffe's Layer::CheckBlobCounts).
+
+    Loss layers may leave out their top (Caffe's AutoTopBlobs): it is added as Caffe names it,
+    `(automatic)`, to a copy of the net, so the stored net says where the loss went.
+    """
+    auto: dict[int, int] = {}
+    for i in positions:
+        layer = net.layer[i]
+        handler = get_handler(layer.type)
+        assert handler is not None
+        problem = check_blob_counts(layer, handler.counts)
+        if problem is not None:
+            raise LayerError(layer.name, layer.type, f"{problem} (in {source}); fix its bottom/top lines")
+        missing = handler.counts.needed_tops() - len(layer.top)
+        if handler.counts.auto_top and missing > 0:
+            auto[i] = missing
+    if not auto:
+        for i in positions:
+            effective_loss_weights(net.layer[i])  # one loss_weight per top (Caffe's SetLossWeights)
+        return net
+    copy = caffe_pb2.NetParameter()
+    copy.CopyFrom(net)
+    taken = {t for layer in net.layer for t in (*layer.top, *layer.bottom)}
+    for i, missing in auto.items():
+        for _ in range(missing):
+            name, k = "(automatic)", 1
+            while name in taken:
+                name, k = f"(automatic)_{k}", k + 1
+            taken.add(name)
+            copy.layer[i].top.append(name)
+    for i in positions:
+        effective_loss_weights(copy.layer[i])
+    return copy
 
 
 def _check_weights_cover(layers: list[caffe_pb2.LayerParameter], positions: list[int], gets_weights: dict[str, int],

@@ -7,7 +7,6 @@ from onnx import TensorProto
 
 from caffeonnx.converter.context import LayerContext
 from caffeonnx.converter.layers.loss import (
-    check_blob_counts,
     check_label_count,
     check_opset,
     class_view,
@@ -19,10 +18,9 @@ from caffeonnx.converter.registry import register_layer
 from caffeonnx.proto import caffe_pb2
 
 
-@register_layer("Accuracy")
+@register_layer("Accuracy", bottoms=2, tops=(1, 2))
 def convert_accuracy(layer: caffe_pb2.LayerParameter, ctx: LayerContext) -> None:
     """Accuracy: share of kept labels with at most top_k scores >= their own; top 1 is the per-class accuracy."""
-    check_blob_counts(ctx, 2, 1, 2)
     check_opset(ctx)
     p = layer.accuracy_param
     shape = ctx.input_shapes[0]

@@ -14,19 +14,19 @@ def _unary(op: str, ctx: LayerContext, **attrs: object) -> None:
     ctx.set_output_shape(0, ctx.input_shapes[0])
 
 
-@register_layer("Sigmoid")
+@register_layer("Sigmoid", bottoms=1, tops=1)
 def convert_sigmoid(layer: caffe_pb2.LayerParameter, ctx: LayerContext) -> None:
     """Sigmoid: y = 1 / (1 + exp(-x))."""
     _unary("Sigmoid", ctx)
 
 
-@register_layer("TanH")
+@register_layer("TanH", bottoms=1, tops=1)
 def convert_tanh(layer: caffe_pb2.LayerParameter, ctx: LayerContext) -> None:
     """TanH: y = tanh(x)."""
     _unary("Tanh", ctx)
 
 
-@register_layer("ReLU")
+@register_layer("ReLU", bottoms=1, tops=1)
 def convert_relu(layer: caffe_pb2.LayerParameter, ctx: LayerContext) -> None:
     """ReLU: y = max(x, 0) + negative_slope * min(x, 0) (leaky when the slope is non-zero)."""
     slope = layer.relu_param.negative_slope
@@ -36,25 +36,25 @@ def convert_relu(layer: caffe_pb2.LayerParameter, ctx: LayerContext) -> None:
         _unary("Relu", ctx)
 
 
-@register_layer("AbsVal")
+@register_layer("AbsVal", bottoms=1, tops=1)
 def convert_absval(layer: caffe_pb2.LayerParameter, ctx: LayerContext) -> None:
     """AbsVal: y = |x|."""
     _unary("Abs", ctx)
 
 
-@register_layer("BNLL")
+@register_layer("BNLL", bottoms=1, tops=1)
 def convert_bnll(layer: caffe_pb2.LayerParameter, ctx: LayerContext) -> None:
     """BNLL: y = log(1 + exp(x)), evaluated without overflow (ONNX Softplus)."""
     _unary("Softplus", ctx)
 
 
-@register_layer("ELU")
+@register_layer("ELU", bottoms=1, tops=1)
 def convert_elu(layer: caffe_pb2.LayerParameter, ctx: LayerContext) -> None:
     """ELU: y = x for x > 0, else alpha * (exp(x) - 1)."""
     _unary("Elu", ctx, alpha=layer.elu_param.alpha)
 
 
-@register_layer("Threshold")
+@register_layer("Threshold", bottoms=1, tops=1)
 def convert_threshold(layer: caffe_pb2.LayerParameter, ctx: LayerContext) -> None:
     """Threshold: y = 1 where x > threshold, else 0."""
     t = ctx.const(np.array(layer.threshold_param.threshold, dtype=np.float32), "threshold")
@@ -96,7 +96,7 @@ def _log_base(base: float, ctx: LayerContext, what: str) -> np.float32:
     return np.float32(np.log(np.float32(base)))
 
 
-@register_layer("Exp")
+@register_layer("Exp", bottoms=1, tops=1)
 def convert_exp(layer: caffe_pb2.LayerParameter, ctx: LayerContext) -> None:
     """Exp: y = base^(shift + scale * x), base -1 meaning e."""
     p = layer.exp_param
@@ -114,7 +114,7 @@ def convert_exp(layer: caffe_pb2.LayerParameter, ctx: LayerContext) -> None:
     _chain(ctx, steps)
 
 
-@register_layer("Log")
+@register_layer("Log", bottoms=1, tops=1)
 def convert_log(layer: caffe_pb2.LayerParameter, ctx: LayerContext) -> None:
     """Log: y = log_base(shift + scale * x), base -1 meaning e."""
     p = layer.log_param
@@ -128,7 +128,7 @@ def convert_log(layer: caffe_pb2.LayerParameter, ctx: LayerContext) -> None:
     _chain(ctx, steps)
 
 
-@register_layer("Power")
+@register_layer("Power", bottoms=1, tops=1)
 def convert_power(layer: caffe_pb2.LayerParameter, ctx: LayerContext) -> None:
     """Power: y = (shift + scale * x)^power."""
     p = layer.power_param

@@ -42,7 +42,7 @@ def _caffe_index(ctx: LayerContext, x: str, shape: Shape, axis: int, rev_index: 
     return ctx.node("Cast", [ctx.node("Sub", [last, rev_index])], [out] if out else None, to=TensorProto.FLOAT)
 
 
-@register_layer("ArgMax")
+@register_layer("ArgMax", bottoms=1, tops=1)
 def convert_argmax(layer: caffe_pb2.LayerParameter, ctx: LayerContext) -> None:
     """ArgMax: float indices (out_max_val: and/or values) of the top_k largest, per item or along `axis`."""
     p = layer.argmax_param

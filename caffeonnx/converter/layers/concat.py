@@ -8,14 +8,10 @@ from caffeonnx.converter.registry import register_layer
 from caffeonnx.proto import caffe_pb2
 
 
-@register_layer("Concat")
+@register_layer("Concat", bottoms=(1, None), tops=1)
 def convert_concat(layer: caffe_pb2.LayerParameter, ctx: LayerContext) -> None:
     """Concat: stack the bottoms along `axis` (legacy `concat_dim`); other dims must match."""
     p = layer.concat_param
-    if not ctx.inputs:
-        raise ctx.error("Concat needs at least one bottom blob; add bottoms to concatenate")
-    if len(layer.top) != 1:
-        raise ctx.error(f"Concat has exactly one top, got {len(layer.top)}: {list(layer.top)!r}")
     if p.HasField("axis") and p.HasField("concat_dim"):
         raise ctx.error(
             f"concat_param sets both axis ({p.axis!r}) and concat_dim ({p.concat_dim!r}); "

@@ -113,8 +113,6 @@ def _convert(layer: caffe_pb2.LayerParameter, ctx: LayerContext, transposed: boo
             f"input shape {list(shape)!r} with channel axis {axis} has {n} spatial axes; ONNX convolutions "
             f"here support 1 to {_MAX_SPATIAL_AXES}"
         )
-    if len(layer.top) != len(layer.bottom):
-        raise ctx.error(f"has {len(layer.bottom)} bottom(s) but {len(layer.top)} top(s); Caffe pairs them one to one")
     for i, other in enumerate(ctx.input_shapes[1:], 1):
         if other != shape:
             raise ctx.error(f"All inputs must have the same shape: bottom 0 is {list(shape)!r}, bottom {i} is "
@@ -160,13 +158,13 @@ def _convert(layer: caffe_pb2.LayerParameter, ctx: LayerContext, transposed: boo
         ctx.set_output_shape(i, out_shape)
 
 
-@register_layer("Convolution")
+@register_layer("Convolution", bottoms=(1, None), tops=(1, None), equal=True)
 def convert_convolution(layer: caffe_pb2.LayerParameter, ctx: LayerContext) -> None:
     """Convolution: y = W ⋆ x + b, N-D, with pad/stride/dilation/group; weight [M, C/g, k...]."""
     _convert(layer, ctx, transposed=False)
 
 
-@register_layer("Deconvolution")
+@register_layer("Deconvolution", bottoms=(1, None), tops=(1, None), equal=True)
 def convert_deconvolution(layer: caffe_pb2.LayerParameter, ctx: LayerContext) -> None:
     """Deconvolution: the transposed convolution (gradient of Convolution); weight [C, M/g, k...]."""
     _convert(layer, ctx, transposed=True)

@@ -23,13 +23,9 @@ def _offsets(layer: caffe_pb2.LayerParameter, ctx: LayerContext, ndim: int, star
     return given
 
 
-@register_layer("Crop")
+@register_layer("Crop", bottoms=2, tops=1)
 def convert_crop(layer: caffe_pb2.LayerParameter, ctx: LayerContext) -> None:
     """Crop: axes from `axis` on take the second bottom's sizes, starting at `offset` (one, or one per axis)."""
-    if len(ctx.inputs) != 2:
-        raise ctx.error(
-            f"Crop takes 2 bottoms (the data, then a blob with the target shape), got {len(ctx.inputs)}"
-        )
     data, ref = ctx.input_shapes
     ndim = len(data)
     if len(ref) != ndim:

@@ -8,7 +8,7 @@ from caffeonnx.converter.registry import register_layer
 from caffeonnx.proto import caffe_pb2
 
 
-@register_layer("Dropout")
+@register_layer("Dropout", bottoms=1, tops=1)
 def convert_dropout(layer: caffe_pb2.LayerParameter, ctx: LayerContext) -> None:
     """Dropout: identity in TEST; in TRAIN zeroes x with probability dropout_ratio, scales the rest by 1/(1-ratio)."""
     ratio = layer.dropout_param.dropout_ratio

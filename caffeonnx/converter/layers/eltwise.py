@@ -10,12 +10,10 @@ from caffeonnx.proto import caffe_pb2
 _OPS = caffe_pb2.EltwiseParameter
 
 
-@register_layer("Eltwise")
+@register_layer("Eltwise", bottoms=(2, None), tops=1)
 def convert_eltwise(layer: caffe_pb2.LayerParameter, ctx: LayerContext) -> None:
     """Eltwise: y = Σ coeff_i·x_i (SUM), Π x_i (PROD) or max_i x_i (MAX) over equally shaped bottoms."""
     p = layer.eltwise_param
-    if len(ctx.inputs) < 2:
-        raise ctx.error(f"Eltwise needs at least 2 bottoms, got {len(ctx.inputs)}; list every blob to combine")
     shape = ctx.input_shapes[0]
     for name, other in zip(layer.bottom[1:], ctx.input_shapes[1:]):
         if other != shape:

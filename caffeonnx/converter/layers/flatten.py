@@ -10,7 +10,7 @@ from caffeonnx.converter.registry import register_layer
 from caffeonnx.proto import caffe_pb2
 
 
-@register_layer("Flatten")
+@register_layer("Flatten", bottoms=1, tops=1)
 def convert_flatten(layer: caffe_pb2.LayerParameter, ctx: LayerContext) -> None:
     """Flatten: merge axes `axis`..`end_axis` (inclusive, negatives count from the end) into one."""
     p = layer.flatten_param

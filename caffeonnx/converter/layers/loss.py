@@ -61,19 +61,6 @@ def effective_loss_weights(layer: caffe_pb2.LayerParameter) -> list[float]:
     return weights
 
 
-def check_blob_counts(ctx: LayerContext, bottoms: int, min_tops: int, max_tops: int) -> None:
-    """Caffe's ExactNumBottomBlobs / Min/MaxTopBlobs and loss_weight count checks, naming the layer."""
-    nb, nt = len(ctx.layer.bottom), len(ctx.layer.top)
-    if nb != bottoms:
-        raise ctx.error(
-            f"takes {bottoms} bottom blob(s) (predictions, labels) but has {nb}: {list(ctx.layer.bottom)!r}"
-        )
-    if not min_tops <= nt <= max_tops:
-        want = str(min_tops) if min_tops == max_tops else f"{min_tops} to {max_tops}"
-        raise ctx.error(f"takes {want} top blob(s) but has {nt}: {list(ctx.layer.top)!r}")
-    effective_loss_weights(ctx.layer)
-
-
 def check_same_num(ctx: LayerContext) -> None:
     """LossLayer::Reshape: the data and label must have the same num (first axis)."""
     a, b = ctx.input_shapes[0], ctx.input_shapes[1]
@@ -163,10 +150,9 @@ def like_first_bottom(ctx: LayerContext, b: str, b_shape: Shape, a_shape: Shape)
     return b if b_shape == a_shape else ctx.reshape(b, b_shape, a_shape)
 
 
-@register_layer("EuclideanLoss")
+@register_layer("EuclideanLoss", bottoms=2, tops=1, auto_top=True)
 def convert_euclidean_loss(layer: caffe_pb2.LayerParameter, ctx: LayerContext) -> None:
     """EuclideanLoss: sum((a - b)²) / num / 2, num being the first axis of bottom 0."""
-    check_blob_counts(ctx, 2, 1, 1)
     check_same_num(ctx)
     (a, b), (a_shape, b_shape) = ctx.inputs[:2], ctx.input_shapes[:2]
     if math.prod(a_shape[1:]) != math.prod(b_shape[1:]):
@@ -181,10 +167,9 @@ def convert_euclidean_loss(layer: caffe_pb2.LayerParameter, ctx: LayerContext) -
     ctx.set_output_shape(0, ())
 
 
-@register_layer("SigmoidCrossEntropyLoss")
+@register_layer("SigmoidCrossEntropyLoss", bottoms=2, tops=1, auto_top=True)
 def convert_sigmoid_cross_entropy_loss(layer: caffe_pb2.LayerParameter, ctx: LayerContext) -> None:
     """SigmoidCrossEntropyLoss: Σ max(x,0) - x·t + log(1 + e^-|x|) over kept targets / normaliser (BATCH_SIZE)."""
-    check_blob_counts(ctx, 2, 1, 1)
     check_same_num(ctx)
     (x, t), (x_shape, t_shape) = ctx.inputs[:2], ctx.input_shapes[:2]
     if math.prod(x_shape) != math.prod(t_shape):
@@ -241,10 +226,9 @@ def labels_view(ctx: LayerContext, label: str, inner: int, ignore: int | None) -
     return safe, mask
 
 
-@register_layer("SoftmaxWithLoss")
+@register_layer("SoftmaxWithLoss", bottoms=2, tops=(1, 2), auto_top=True)
 def convert_softmax_with_loss(layer: caffe_pb2.LayerParameter, ctx: LayerContext) -> None:
     """SoftmaxWithLoss: Σ -log(max(softmax(x)[label], FLT_MIN)) over kept labels / normaliser (VALID); top 1: prob."""
-    check_blob_counts(ctx, 2, 1, 2)
     check_opset(ctx)
     check_same_num(ctx)
     shape = ctx.input_shapes[0]

@@ -24,7 +24,7 @@ def _check_statistics_specs(layer: caffe_pb2.LayerParameter, ctx: LayerContext) 
             )
 
 
-@register_layer("BatchNorm")
+@register_layer("BatchNorm", bottoms=1, tops=1)
 def convert_batch_norm(layer: caffe_pb2.LayerParameter, ctx: LayerContext) -> None:
     """BatchNorm: y = (x - mean) / sqrt(var + eps) per channel (axis 1), stored stats scaled by 1/s."""
     p = layer.batch_norm_param
@@ -59,7 +59,7 @@ def convert_batch_norm(layer: caffe_pb2.LayerParameter, ctx: LayerContext) -> No
     ctx.set_output_shape(0, shape)
 
 
-@register_layer("LRN")
+@register_layer("LRN", bottoms=1, tops=1)
 def convert_lrn(layer: caffe_pb2.LayerParameter, ctx: LayerContext) -> None:
     """LRN: x·(k + α/n·Σ x²)^-β over n channels, or x·(1 + α·mean_{n×n} x²)^-β within a channel."""
     p = layer.lrn_param

@@ -134,7 +134,7 @@ def _add_outside(ctx: LayerContext, y: str, geo: PoolGeometry, value: float, out
                     [output] if output else None)
 
 
-@register_layer("Pooling")
+@register_layer("Pooling", bottoms=1, tops=(1, 2))
 def convert_pooling(layer: caffe_pb2.LayerParameter, ctx: LayerContext) -> None:
     """Pooling: MAX / AVE (Caffe's border divisor) / STOCHASTIC at test time (Σx²/Σx) over 2-D windows."""
     p = layer.pooling_param

@@ -11,7 +11,7 @@ _P = caffe_pb2.ReductionParameter
 _ONNX_OP = {_P.SUM: "ReduceSum", _P.ASUM: "ReduceL1", _P.SUMSQ: "ReduceSumSquare", _P.MEAN: "ReduceMean"}
 
 
-@register_layer("Reduction")
+@register_layer("Reduction", bottoms=1, tops=1)
 def convert_reduction(layer: caffe_pb2.LayerParameter, ctx: LayerContext) -> None:
     """Reduction: y = coeff · SUM/ASUM/SUMSQ/MEAN of x over all axes from `axis` on; top shape is x.shape[:axis]."""
     p = layer.reduction_param

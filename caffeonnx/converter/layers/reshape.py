@@ -67,7 +67,7 @@ def _top_shape(p: caffe_pb2.ReshapeParameter, ctx: LayerContext, bottom: Shape) 
     return tuple(top), start, end
 
 
-@register_layer("Reshape")
+@register_layer("Reshape", bottoms=1, tops=1)
 def convert_reshape(layer: caffe_pb2.LayerParameter, ctx: LayerContext) -> None:
     """Reshape: new dims for axes [axis, axis+num_axes); 0 copies the bottom dim, a single -1 is inferred."""
     p = layer.reshape_param

@@ -48,7 +48,7 @@ def _aligned(ctx: LayerContext, value: str, operand_shape: Shape, x_rank: int, a
     return ctx.reshape(value, operand_shape, (*operand_shape, *(1,) * trailing))
 
 
-@register_layer("Scale")
+@register_layer("Scale", bottoms=(1, 2), tops=1)
 def convert_scale(layer: caffe_pb2.LayerParameter, ctx: LayerContext) -> None:
     """Scale: y = x ⊙ s (+ b) with s learned or the second bottom, spanning axes from `axis` on."""
     p = layer.scale_param
@@ -71,7 +71,7 @@ def convert_scale(layer: caffe_pb2.LayerParameter, ctx: LayerContext) -> None:
     ctx.set_output_shape(0, x_shape)
 
 
-@register_layer("Bias")
+@register_layer("Bias", bottoms=(1, 2), tops=1)
 def convert_bias(layer: caffe_pb2.LayerParameter, ctx: LayerContext) -> None:
     """Bias: y = x + b with b learned or the second bottom, spanning axes from `axis` on."""
     p = layer.bias_param

@@ -6,11 +6,7 @@ from caffeonnx.converter.registry import register_layer
 from caffeonnx.proto import caffe_pb2
 
 
-@register_layer("Silence")
+@register_layer("Silence", bottoms=(1, None), tops=0)
 def convert_silence(layer: caffe_pb2.LayerParameter, ctx: LayerContext) -> None:
     """Silence: consumes its bottoms and has no tops; the silenced blobs stop being graph outputs."""
-    if layer.top:
-        raise ctx.error(
-            f"Silence takes no tops, got {list(layer.top)!r}; remove the top lines (it only consumes bottoms)"
-        )
     # Nothing to emit: the driver marks the bottoms as consumed, which is all Silence does.

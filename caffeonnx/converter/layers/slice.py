@@ -57,7 +57,7 @@ def _sizes(layer: caffe_pb2.LayerParameter, ctx: LayerContext, dim: int, axis: i
     return [b - a for a, b in pairwise([*bounds, dim])]
 
 
-@register_layer("Slice")
+@register_layer("Slice", bottoms=1, tops=(1, None))
 def convert_slice(layer: caffe_pb2.LayerParameter, ctx: LayerContext) -> None:
     """Slice: split the bottom along `axis` (legacy `slice_dim`) at `slice_point`s, or evenly when none."""
     if not layer.top:

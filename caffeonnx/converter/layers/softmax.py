@@ -6,7 +6,7 @@ from caffeonnx.converter.registry import register_layer
 from caffeonnx.proto import caffe_pb2
 
 
-@register_layer("Softmax")
+@register_layer("Softmax", bottoms=1, tops=1)
 def convert_softmax(layer: caffe_pb2.LayerParameter, ctx: LayerContext) -> None:
     """Softmax: y = exp(x) / Σ exp(x) along `axis` alone (default 1), every other axis independent."""
     shape = ctx.input_shapes[0]

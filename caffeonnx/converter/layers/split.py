@@ -8,7 +8,7 @@ from caffeonnx.converter.registry import register_layer
 from caffeonnx.proto import caffe_pb2
 
 
-@register_layer("Split")
+@register_layer("Split", bottoms=1, tops=(1, None))
 def convert_split(layer: caffe_pb2.LayerParameter, ctx: LayerContext) -> None:
     """Split: every top is a copy of the bottom (Caffe shares the data; gradients add up in backward)."""
     if not layer.top:

@@ -9,7 +9,7 @@ from caffeonnx.converter.registry import register_layer
 from caffeonnx.proto import caffe_pb2
 
 
-@register_layer("Tile")
+@register_layer("Tile", bottoms=1, tops=1)
 def convert_tile(layer: caffe_pb2.LayerParameter, ctx: LayerContext) -> None:
     """Tile: the block of axes from `axis` on is written `tiles` times in a row (axis grows tiles-fold)."""
     p = layer.tile_param

@@ -69,7 +69,7 @@ def test_crop_of_the_batch_axis_follows_the_reference(fixed: bool, data_batch: i
         ((2, 3, 6, 7), "offset: 1 offset: 1 offset: 1", 'bottom: "x" bottom: "r"', "has 3 values but axes 2..3"),
         ((2, 3, 6, 7), "axis: 4", 'bottom: "x" bottom: "r"', "crop_param.axis 4 is out of range"),
         ((2, 6, 7), "", 'bottom: "x" bottom: "r"', "has 3 axes but 'x'"),
-        ((2, 3, 6, 7), "", 'bottom: "x"', "Crop takes 2 bottoms"),
+        ((2, 3, 6, 7), "", 'bottom: "x"', "Crop Layer takes 2 bottom blob(s) as input"),
     ],
 )
 def test_crop_refuses_a_crop_that_does_not_fit(ref: tuple[int, ...], param: str, bottoms: str, message: str) -> None:

@@ -66,7 +66,7 @@ def test_unit_coeffs_add_no_multiplication() -> None:
 @pytest.mark.parametrize(
     ("n", "params", "shapes", "message"),
     [
-        (1, "", None, "Eltwise needs at least 2 bottoms, got 1"),
+        (1, "", None, r"Eltwise Layer takes at least 2 bottom blob\(s\) as input; it has 1"),
         (2, "coeff: 1", None, "eltwise_param has 1 coeff\\(s\\) \\[1.0\\] for 2 bottoms"),
         (
             2,
