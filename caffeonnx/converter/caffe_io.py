@@ -11,6 +11,7 @@ from __future__ import annotations
 import codecs
 import mmap
 import os
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,18 +54,31 @@ class CaffeWeights:
     blobs: dict[str, list[Blob]] = field(default_factory=dict)
 
 
-def _check_file(path: str | os.PathLike[str], what: str) -> Path:
+def check_input_file(path: str | os.PathLike[str], what: str) -> Path:
+    """`path` as a Path if it is a regular file; else one clear error.
+
+    A FIFO would block the read forever and a device such as /dev/zero would be read until
+    memory runs out, so anything but a regular file is refused before it is opened.
+    """
     p = Path(path)
-    if not p.exists():
-        raise InputFileError(f"{what} {str(p)!r} does not exist; check the path")
-    if p.is_dir():
+    try:
+        mode = p.stat().st_mode
+    except FileNotFoundError:
+        raise InputFileError(f"{what} {str(p)!r} does not exist; check the path") from None
+    except OSError as exc:
+        raise InputFileError(f"{what} {str(p)!r} cannot be read ({exc.strerror}); check its permissions") from None
+    if stat.S_ISDIR(mode):
         raise InputFileError(f"{what} {str(p)!r} is a directory; pass the file itself")
+    if not stat.S_ISREG(mode):
+        kind = "a FIFO" if stat.S_ISFIFO(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else \
+            "a socket" if stat.S_ISSOCK(mode) else "not a regular file"
+        raise InputFileError(f"{what} {str(p)!r} is {kind}, not a regular file; save the data to a file and pass that")
     return p
 
 
 def read_prototxt(path: str | os.PathLike[str], message: type = caffe_pb2.NetParameter):
     """Parse a text-format Caffe file (net or solver) with file:line:column errors."""
-    p = _check_file(path, "prototxt")
+    p = check_input_file(path, "prototxt")
     try:
         text = p.read_text()
     except UnicodeDecodeError:
@@ -198,7 +212,7 @@ def _strip_blobs(sc: _Scanner, start: int, end: int, blob_field: int, nested: di
 
 def read_caffemodel(path: str | os.PathLike[str]) -> CaffeWeights:
     """Parse a binary caffemodel; blob arrays are zero-copy views of the mapped file."""
-    p = _check_file(path, "caffemodel")
+    p = check_input_file(path, "caffemodel")
     size = p.stat().st_size
     if size == 0:
         raise InputFileError(f"{p}: empty caffemodel (0 bytes); re-download or re-export it")

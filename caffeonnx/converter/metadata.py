@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING
 from google.protobuf import text_format
 from onnx import ModelProto
 
+from caffeonnx.errors import CaffeOnnxError
 from caffeonnx.proto import caffe_pb2
 
 if TYPE_CHECKING:  # params.py builds on ParamUse, defined here
@@ -201,3 +202,86 @@ def input_shapes(model: ModelProto) -> dict[str, list[int]]:
     """The Caffe shape each graph input was converted with ({} for foreign ONNX or older models)."""
     raw = read_metadata(model).get(KEY_INPUT_SHAPES)
     return json.loads(raw) if raw else {}
+
+
+_LAYER_KEYS = {"name": str, "type": str, "bottoms": list, "tops": list, "params": list}
+_PARAM_KEYS = {"name": str, "shape": list, "users": list}
+
+
+def _damaged(key: str, what: str) -> CaffeOnnxError:
+    return CaffeOnnxError(
+        f"metadata_props {key!r} is damaged ({what}); this file was edited or truncated after caffeonnx wrote it: "
+        "convert the Caffe net again, or delete the caffe.* and caffeonnx.* metadata to treat it as foreign ONNX"
+    )
+
+
+def validate(model: ModelProto) -> None:
+    """Check caffeonnx's metadata once, when a model is opened, so no reader meets a damaged value later.
+
+    Foreign ONNX (no caffeonnx keys) passes untouched.  Every key is parsed and its schema
+    checked: the stored net and NetState as Caffe text, the JSON records and their fields,
+    positions within the stored net, initializer names that exist.
+    """
+    meta = read_metadata(model)
+    if KEY_NET not in meta and KEY_LAYERS not in meta and KEY_PARAMS not in meta:
+        return
+    try:
+        net = text_format.Parse(meta.get(KEY_NET, ""), caffe_pb2.NetParameter())
+    except text_format.ParseError as exc:
+        raise _damaged(KEY_NET, f"not a Caffe NetParameter: {exc}") from None
+    if KEY_PHASE in meta and meta[KEY_PHASE] not in caffe_pb2.Phase.keys():
+        raise _damaged(KEY_PHASE, f"{meta[KEY_PHASE]!r} is not TRAIN or TEST")
+    if KEY_STATE in meta:
+        try:
+            text_format.Parse(meta[KEY_STATE], caffe_pb2.NetState())
+        except text_format.ParseError as exc:
+            raise _damaged(KEY_STATE, f"not a Caffe NetState: {exc}") from None
+    layers = _json_list(meta, KEY_LAYERS, _LAYER_KEYS)
+    for entry in layers:
+        extra = set(entry) - {*_LAYER_KEYS, "index"}
+        if extra:
+            raise _damaged(KEY_LAYERS, f"layer {entry['name']!r} has unknown field(s) {sorted(extra)}")
+        index = entry.get("index", -1)
+        if not isinstance(index, int) or index >= len(net.layer) or index < -1:
+            raise _damaged(KEY_LAYERS, f"layer {entry['name']!r} points at position {index!r}; the stored net has "
+                                       f"{len(net.layer)} layers")
+    inits = {t.name for t in model.graph.initializer}
+    for entry in _json_list(meta, KEY_PARAMS, _PARAM_KEYS):
+        if entry["name"] not in inits:
+            raise _damaged(KEY_PARAMS, f"initializer {entry['name']!r} is not in the graph")
+        if not all(isinstance(d, int) and d >= 0 for d in entry["shape"]):
+            raise _damaged(KEY_PARAMS, f"param {entry['name']!r} has shape {entry['shape']!r}")
+        for use in entry["users"]:
+            if not (isinstance(use, list) and len(use) in (2, 3) and isinstance(use[0], str)
+                    and all(isinstance(v, int) for v in use[1:])):
+                raise _damaged(KEY_PARAMS, f"param {entry['name']!r} has user {use!r}, not [layer, blob, position]")
+        for view in entry.get("user_shapes", []):
+            if not (isinstance(view, list) and len(view) in (3, 4) and isinstance(view[2], list)):
+                raise _damaged(KEY_PARAMS, f"param {entry['name']!r} has user shape {view!r}")
+    if KEY_INPUT_SHAPES in meta:
+        try:
+            shapes = json.loads(meta[KEY_INPUT_SHAPES])
+        except json.JSONDecodeError as exc:
+            raise _damaged(KEY_INPUT_SHAPES, f"not JSON: {exc}") from None
+        if not isinstance(shapes, dict) or not all(
+                isinstance(v, list) and all(isinstance(d, int) for d in v) for v in shapes.values()):
+            raise _damaged(KEY_INPUT_SHAPES, "not a JSON object of blob -> list of dims")
+
+
+def _json_list(meta: Mapping[str, str], key: str, fields: Mapping[str, type]) -> list[dict]:
+    """The JSON list stored under `key`, each entry an object with `fields` of the given types."""
+    if key not in meta:
+        return []
+    try:
+        value = json.loads(meta[key])
+    except json.JSONDecodeError as exc:
+        raise _damaged(key, f"not JSON: {exc}") from None
+    if not isinstance(value, list):
+        raise _damaged(key, f"a JSON {type(value).__name__}, not a list")
+    for entry in value:
+        if not isinstance(entry, dict):
+            raise _damaged(key, f"an entry is {entry!r}, not an object")
+        for field, kind in fields.items():
+            if not isinstance(entry.get(field), kind):
+                raise _damaged(key, f"an entry's {field!r} is {entry.get(field)!r}, not a {kind.__name__}")
+    return value

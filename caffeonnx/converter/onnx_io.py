@@ -7,6 +7,7 @@ straight from its numpy array (often a view of the mapped caffemodel).
 """
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -15,6 +16,8 @@ import numpy as np
 import onnx
 from onnx import ModelProto, TensorProto, helper, numpy_helper
 
+from caffeonnx.converter import metadata
+from caffeonnx.converter.caffe_io import check_input_file
 from caffeonnx.errors import CaffeOnnxError, InputFileError
 from caffeonnx.fileio import atomic_write
 from caffeonnx.wire import length_delimited
@@ -22,20 +25,64 @@ from caffeonnx.wire import length_delimited
 _GRAPH_FIELD = 7  # ModelProto.graph
 _INIT_FIELD = 5  # GraphProto.initializer
 _RAW_FIELD = 9  # TensorProto.raw_data
+# Packed types whose element count is not their byte count (int4/uint4/float4 pack two values per byte).
+_SUB_BYTE = frozenset(getattr(TensorProto, n) for n in ("INT4", "UINT4", "FLOAT4E2M1") if hasattr(TensorProto, n))
 
 
 def load_onnx(path: str | os.PathLike[str], what: str = "ONNX model") -> ModelProto:
-    """Load an .onnx file with a one-line error when it is missing, unreadable or not ONNX."""
-    p = Path(path)
-    if not p.is_file():
-        raise InputFileError(f"{what} {str(p)!r} does not exist; check the path")
+    """Load an .onnx file, checked once for every command that opens one.
+
+    One line, never a traceback, when the file is missing or not a regular file, is not
+    ONNX, has damaged initializers, fails the ONNX checker (its message is the error), or
+    carries damaged caffeonnx metadata.
+    """
+    p = check_input_file(path, what)
     try:
-        model = onnx.load(str(p))
+        model = onnx.load(str(p), load_external_data=False)
     except Exception as exc:  # noqa: BLE001 - protobuf raises several types for garbage
         raise InputFileError(f"{p}: not a readable ONNX model ({type(exc).__name__}: {exc})") from None
     if not model.graph.node:
         raise InputFileError(f"{p}: not an ONNX model (its graph has no nodes)")
+    check_initializers(model, str(p))
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputFileError(f"{p}: the ONNX checker refuses this model: {first}") from None
+    try:
+        metadata.validate(model)
+    except CaffeOnnxError as exc:
+        raise InputFileError(f"{p}: {exc}") from None
     return model
+
+
+def check_initializers(model: ModelProto, source: str) -> None:
+    """Every initializer's dims, data type and stored size agree (a damaged tensor is named, not crashed on)."""
+    for t in model.graph.initializer:
+        if t.data_location == TensorProto.EXTERNAL:
+            raise InputFileError(f"{source}: initializer {t.name!r} keeps its data in an external file; save the "
+                                 "model with its weights inside (onnx.save(..., save_as_external_data=False))")
+        if any(d < 0 for d in t.dims):
+            raise InputFileError(f"{source}: initializer {t.name!r} has negative dims {list(t.dims)}")
+        try:
+            dtype = helper.tensor_dtype_to_np_dtype(t.data_type)
+        except (KeyError, ValueError, TypeError):
+            raise InputFileError(f"{source}: initializer {t.name!r} has unknown data_type {t.data_type}") from None
+        count = math.prod(t.dims)
+        if t.HasField("raw_data"):
+            itemsize = np.dtype(dtype).itemsize if t.data_type not in _SUB_BYTE else None
+            want = count * itemsize if itemsize is not None else None
+            if want is not None and len(t.raw_data) != want:
+                raise InputFileError(
+                    f"{source}: initializer {t.name!r} holds {len(t.raw_data)} bytes of raw_data but dims "
+                    f"{list(t.dims)} of {np.dtype(dtype).name} need {want}; the file is damaged")
+            continue
+        stored = max(len(t.float_data), len(t.int32_data), len(t.int64_data), len(t.double_data),
+                     len(t.uint64_data), len(t.string_data))
+        per = 2 if t.data_type in (TensorProto.COMPLEX64, TensorProto.COMPLEX128) else 1
+        if t.data_type not in _SUB_BYTE and stored != count * per:
+            raise InputFileError(f"{source}: initializer {t.name!r} stores {stored} value(s) but dims "
+                                 f"{list(t.dims)} need {count * per}; the file is damaged")
 
 
 def tensor_header(name: str, array: np.ndarray) -> TensorProto:

@@ -1,0 +1,126 @@
+"""Damaged or hostile model files get one line and exit 2 from every command that opens them.
+
+One ONNX loading path (converter.onnx_io.load_onnx) checks the file once: a regular file, ONNX
+that parses, initializers whose size matches their dims and type, the ONNX checker's verdict,
+and caffeonnx's metadata (each key parsed and its schema checked).  Inputs that are not regular
+files (a FIFO would block forever, /dev/zero would be read until memory runs out) are refused
+before they are opened.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from caffeonnx.converter.caffe_to_onnx import convert_files
+
+TIED = Path(__file__).parents[1] / "caffeonnx" / "examples" / "tied_ae"
+
+
+def _cli(*args: str | Path, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "caffeonnx", *map(str, args)], capture_output=True, text=True,
+                          timeout=60, cwd=cwd)
+
+
+def _one_line_error(proc: subprocess.CompletedProcess[str], *says: str) -> None:
+    assert proc.returncode == 2, (proc.returncode, proc.stderr)
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    text = " ".join(lines)
+    assert lines and lines[0].startswith("error:"), proc.stderr
+    for s in says:
+        assert s in text, (s, proc.stderr)
+
+
+@pytest.fixture(scope="module")
+def tied_onnx(tmp_path_factory: pytest.TempPathFactory) -> onnx.ModelProto:
+    net = TIED / "net.prototxt"
+    weights = TIED / "weights.caffemodel"
+    return convert_files(net, weights).to_proto()
+
+
+def _with_meta(key: str, value: str) -> Callable[[onnx.ModelProto], None]:
+    def edit(model: onnx.ModelProto) -> None:
+        entry = next(p for p in model.metadata_props if p.key == key)
+        entry.value = value
+    return edit
+
+
+def _truncate_raw(model: onnx.ModelProto) -> None:
+    t = model.graph.initializer[0]
+    if not t.HasField("raw_data"):
+        arr = onnx.numpy_helper.to_array(t)
+        t.CopyFrom(onnx.numpy_helper.from_array(arr, t.name))
+    t.raw_data = t.raw_data[:-4]
+
+
+def _bad_dtype(model: onnx.ModelProto) -> None:
+    model.graph.initializer[0].data_type = 999
+
+
+def _dangling_input(model: onnx.ModelProto) -> None:
+    model.graph.node[0].input[0] = "no_such_value"
+
+
+DAMAGE = {
+    "net not prototxt": (_with_meta("caffe.net", "layer { name: "), "'caffe.net' is damaged"),
+    "layers not json": (_with_meta("caffe.layers", "[{"), "'caffe.layers' is damaged"),
+    "layers a dict": (_with_meta("caffe.layers", '{"name": "x"}'), "'caffe.layers' is damaged"),
+    "layer field wrong type": (_with_meta("caffe.layers", '[{"name": 3, "type": "X", "bottoms": [], "tops": [], '
+                                                          '"params": []}]'), "'caffe.layers' is damaged"),
+    "layer position out of range": (_with_meta("caffe.layers", '[{"name": "x", "type": "X", "bottoms": [], "tops": '
+                                                               '[], "params": [], "index": 99}]'), "position 99"),
+    "params users wrong": (_with_meta("caffe.params", '[{"name": "encode1_matrix", "shape": [64, 784], "users": '
+                                                      '[5]}]'), "'caffe.params' is damaged"),
+    "params unknown initializer": (_with_meta("caffe.params", '[{"name": "nope", "shape": [1], "users": []}]'),
+                                   "'nope' is not in the graph"),
+    "phase not an enum": (_with_meta("caffe.phase", "SOMETIMES"), "'caffe.phase' is damaged"),
+    "raw data truncated": (_truncate_raw, "bytes of raw_data"),
+    "unknown data type": (_bad_dtype, "unknown data_type 999"),
+    "checker": (_dangling_input, "the ONNX checker refuses this model"),
+}
+
+
+@pytest.mark.parametrize("command", ["inspect", "to-caffe", "encoder"])
+@pytest.mark.parametrize("case", list(DAMAGE))
+def test_damaged_onnx_is_one_line_and_writes_nothing(case: str, command: str, tied_onnx: onnx.ModelProto,
+                                                     tmp_path: Path) -> None:
+    damage, says = DAMAGE[case]
+    model = onnx.ModelProto()
+    model.CopyFrom(tied_onnx)
+    damage(model)
+    path = tmp_path / "damaged.onnx"
+    path.write_bytes(model.SerializeToString())
+    args = {"inspect": ["inspect", path], "to-caffe": ["to-caffe", path, "-o", tmp_path / "out.prototxt"],
+            "encoder": ["encoder", path, "-o", tmp_path / "out.onnx"]}[command]
+    _one_line_error(_cli(*args), str(path), says)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["damaged.onnx"], "no output, no temp file"
+
+
+def test_a_fifo_or_a_device_as_input_is_refused_at_once(tmp_path: Path) -> None:
+    fifo = tmp_path / "net.prototxt"
+    os.mkfifo(fifo)
+    _one_line_error(_cli("convert", fifo, "-o", tmp_path / "m.onnx"), "is a FIFO, not a regular file")
+    _one_line_error(_cli("inspect", "/dev/zero"), "is a device, not a regular file")
+    proto = TIED / "net.prototxt"
+    _one_line_error(_cli("convert", proto, "/dev/zero", "-o", tmp_path / "m.onnx"), "caffemodel '/dev/zero' is a device")
+    _one_line_error(_cli("to-caffe", fifo, "-o", tmp_path / "x.prototxt"), "is a FIFO")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["net.prototxt"]
+
+
+def test_an_intact_model_still_opens(tied_onnx: onnx.ModelProto, tmp_path: Path) -> None:
+    path = tmp_path / "ok.onnx"
+    path.write_bytes(tied_onnx.SerializeToString())
+    proc = _cli("inspect", path)
+    assert proc.returncode == 0, proc.stderr
+    foreign = helper.make_model(helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])]))
+    onnx.save(foreign, tmp_path / "foreign.onnx")
+    assert _cli("inspect", tmp_path / "foreign.onnx").returncode == 0, "foreign ONNX has no caffeonnx metadata to check"
