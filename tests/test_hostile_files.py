@@ -124,3 +124,39 @@ def test_an_intact_model_still_opens(tied_onnx: onnx.ModelProto, tmp_path: Path)
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])]))
     onnx.save(foreign, tmp_path / "foreign.onnx")
     assert _cli("inspect", tmp_path / "foreign.onnx").returncode == 0, "foreign ONNX has no caffeonnx metadata to check"
+
+
+HUGE = {
+    "num_output": ('layer { name: "in" type: "Input" top: "x" input_param { shape { dim: 1 dim: 8 } } }\n'
+                   'layer { name: "ip" type: "InnerProduct" bottom: "x" top: "y" '
+                   'inner_product_param { num_output: 4000000000 } }\n', "layer 'ip' (InnerProduct)"),
+    "input dim": ('layer { name: "in" type: "Input" top: "x" input_param { shape { dim: 100000 dim: 100000 '
+                  'dim: 100000 } } }\n', "layer 'in' (Input)"),
+    "pooled size": ('layer { name: "in" type: "Input" top: "x" input_param { shape { dim: 1 dim: 1 dim: 4 dim: 4 } } }\n'
+                    'layer { name: "pool" type: "Pooling" bottom: "x" top: "y" pooling_param { pool: AVE '
+                    'kernel_size: 2000000000 pad: 1999999999 stride: 1 } }\n', "layer 'pool' (Pooling)"),
+    "filler memory": ('layer { name: "in" type: "Input" top: "x" input_param { shape { dim: 1 dim: 60000 } } }\n'
+                      'layer { name: "ip" type: "InnerProduct" bottom: "x" top: "y" '
+                      'inner_product_param { num_output: 30000 } }\n'
+                      'layer { name: "ip2" type: "InnerProduct" bottom: "y" top: "z" '
+                      'inner_product_param { num_output: 60000 } }\n'
+                      'layer { name: "ip3" type: "InnerProduct" bottom: "z" top: "w" '
+                      'inner_product_param { num_output: 60000 } }\n'
+                      'layer { name: "ip4" type: "InnerProduct" bottom: "w" top: "v" '
+                      'inner_product_param { num_output: 60000 } }\n', "over half of this machine's memory"),
+}
+
+
+@pytest.mark.parametrize("case", list(HUGE))
+def test_huge_sizes_are_refused_before_allocating(case: str, tmp_path: Path) -> None:
+    text, says = HUGE[case]
+    if case == "filler memory":
+        from caffeonnx.converter import context
+
+        if context._FILL_BUDGET > 24 * 2**30:  # the net fills ~36 GiB: only meaningful where that is over budget
+            pytest.skip("this machine has memory for the whole net")
+    proto = tmp_path / "net.prototxt"
+    proto.write_text(text)
+    proc = _cli("convert", proto, "-o", tmp_path / "m.onnx")
+    _one_line_error(proc, says)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["net.prototxt"]

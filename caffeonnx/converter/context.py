@@ -9,6 +9,7 @@ Conventions every handler relies on:
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -22,6 +23,19 @@ from caffeonnx.errors import LayerError, WeightsError
 from caffeonnx.proto import caffe_pb2
 
 Shape = tuple[int, ...]
+
+_INT_MAX = 2**31 - 1  # Caffe's limit on a blob's count
+
+
+def _memory_bytes() -> int:
+    """Physical memory of this machine (a generous stand-in where sysconf cannot tell)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 64 * 2**30
+
+
+_FILL_BUDGET = _memory_bytes() // 2
 
 # Opset from which each reduction takes `axes` as an input instead of an attribute.
 _REDUCE_AXES_INPUT_SINCE = {"ReduceSum": 13, "ReduceMean": 18, "ReduceL1": 18, "ReduceSumSquare": 18}
@@ -68,6 +82,12 @@ class GraphBuilder:
         self._node_names: set[str] = set()
         self._casts: dict[str, str] = {}
         self.rng = np.random.default_rng(options.seed)
+        self.filled_bytes = 0  # weights made by fillers so far
+
+    def take_fill_budget(self, nbytes: int) -> bool:
+        """Count `nbytes` of filler-made weights; False once they pass half of this machine's memory."""
+        self.filled_bytes += nbytes
+        return self.filled_bytes <= _FILL_BUDGET
 
     def reserve(self, name: str) -> None:
         """Mark a value name as taken (Caffe blob names are reserved up front)."""
@@ -129,6 +149,17 @@ class LayerContext:
         """A LayerError naming this layer (raise it)."""
         return LayerError(self.name, self.type, message)
 
+    def check_count(self, shape: Sequence[int], what: str) -> None:
+        """Refuse a blob of more than INT_MAX values before anything of that size is made (Caffe's Blob::Reshape).
+
+        Hostile or mistyped sizes (a num_output or input dim of 10^12) would otherwise have a
+        filler or a constant try to allocate terabytes.
+        """
+        count = math.prod(int(d) for d in shape)
+        if count > _INT_MAX:
+            raise self.error(f"{what} of shape {list(shape)} would hold {count:,} values: blob size exceeds INT_MAX "
+                             f"({_INT_MAX:,}), as Caffe refuses too; check num_output and the input shape")
+
     def axis(self, axis: int, ndim: int, what: str = "axis") -> int:
         """Caffe's CanonicalAxisIndex: negative axes count from the end."""
         if not -ndim <= axis < ndim:
@@ -154,6 +185,12 @@ class LayerContext:
             raise RuntimeError(f"{self.type} handler declared param {index} out of order")
         self.params_declared += 1
         spec = self.layer.param[index] if index < len(self.layer.param) else default_spec
+        self.check_count(shape, f"param blob {index}")
+        if self._blobs is None and not self.builder.take_fill_budget(math.prod(shape) * 4):
+            raise self.error(f"filling param blob {index} {list(shape)} brings the net's filler-made weights to "
+                             f"{self.builder.filled_bytes / 2**30:.1f} GiB, over half of this machine's memory "
+                             f"({_FILL_BUDGET * 2 / 2**30:.1f} GiB); pass the caffemodel, or check num_output and "
+                             "the input shape")
         data = self._blob_data(index, shape, filler)
         param = self.builder.params.add(
             self.name, self.position, index, spec, shape, data, f"{self.name}.{role}", self.builder._names,
@@ -266,6 +303,7 @@ class LayerContext:
     # --- shapes and graph inputs ------------------------------------------------
     def set_output_shape(self, index: int, shape: Sequence[int], dtype: int = TensorProto.FLOAT) -> None:
         """Record the Caffe shape of top `index` (handlers must set every top)."""
+        self.check_count(shape, f"top {self.layer.top[index]!r}")
         self.builder.shapes[self.outputs[index]] = tuple(int(d) for d in shape)
         self.builder.dtypes[self.outputs[index]] = dtype
 

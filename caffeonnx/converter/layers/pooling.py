@@ -114,6 +114,7 @@ def pool_geometry(p: caffe_pb2.PoolingParameter, size: tuple[int, int], ctx: Lay
             f"kernel {list(kernel)!r} is larger than the padded input {[n + 2 * pd for n, pd in zip(size, pad)]!r}: "
             f"the output would be empty (size {out!r}); use a smaller kernel or round_mode CEIL"
         )
+    ctx.check_count(out, "pooled output")  # before ave_divisor makes an array of that size
     return PoolGeometry(size, kernel, stride, pad, (out[0], out[1]))
 
 
