@@ -160,3 +160,45 @@ def test_huge_sizes_are_refused_before_allocating(case: str, tmp_path: Path) -> 
     proc = _cli("convert", proto, "-o", tmp_path / "m.onnx")
     _one_line_error(proc, says)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["net.prototxt"]
+
+
+def _npz_bytes(**arrays: object) -> bytes:
+    import io
+
+    import numpy as np
+
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+def _bad_crc() -> bytes:
+    import numpy as np
+
+    data = bytearray(_npz_bytes(data=np.ones((2, 784), np.float32)))
+    data[200] ^= 0xFF  # inside the stored array's bytes: the zip CRC no longer matches
+    return bytes(data)
+
+
+def _verify_inputs(kind: str) -> tuple[bytes, str]:
+    import numpy as np
+
+    good = np.load(TIED / "inputs.npz")["data"]
+    return {
+        "truncated": (_npz_bytes(data=good)[:300], "not a readable .npz file"),
+        "bad crc": (_bad_crc(), "not a readable .npz file"),
+        "complex": (_npz_bytes(data=good.astype(np.complex64)), "holds complex64 values"),
+        "strings": (_npz_bytes(data=np.array(["a", "b"])), "holds <U1 values"),
+        "wrong shape": (_npz_bytes(data=good.reshape(len(good), 28, 28)), "array 'data' has shape"),
+        "wrong name": (_npz_bytes(pixels=good), "no array for graph input(s) ['data']"),
+    }[kind]
+
+
+@pytest.mark.parametrize("kind", ["truncated", "bad crc", "complex", "strings", "wrong shape", "wrong name"])
+def test_verify_refuses_bad_input_arrays_by_name(kind: str, tmp_path: Path) -> None:
+    data, says = _verify_inputs(kind)
+    bad = tmp_path / "inputs.npz"
+    bad.write_bytes(data)
+    proc = _cli("verify", TIED / "net.prototxt", TIED / "weights.caffemodel", "--inputs", bad,
+                "--reference", TIED / "blobs.npz")
+    _one_line_error(proc, says)

@@ -6,11 +6,13 @@ made a graph output, run through onnxruntime, and compared with the reference.
 from __future__ import annotations
 
 import os
+import zipfile
+import zlib
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
+from caffeonnx.converter.caffe_io import check_input_file
 from caffeonnx.converter.caffe_to_onnx import ConvertedModel, convert_files
 from caffeonnx.converter.context import ConvertOptions
 from caffeonnx.converter.metadata import layer_records
@@ -31,15 +33,36 @@ class BlobCheck:
 
 
 def load_npz(path: str | os.PathLike[str], what: str) -> dict[str, np.ndarray]:
-    """Arrays of an .npz file, with a clear error when it is missing or not an npz."""
-    p = Path(path)
-    if not p.is_file():
-        raise InputFileError(f"{what} {str(p)!r} does not exist; check the path")
+    """Arrays of an .npz file of real numbers, with one clear error when it is missing, damaged or of another kind."""
+    p = check_input_file(path, what)
     try:
         with np.load(p, allow_pickle=False) as data:
-            return {k: data[k] for k in data.files}
-    except (ValueError, OSError) as exc:
-        raise InputFileError(f"{p}: not a readable .npz file ({exc})") from None
+            if not isinstance(data, np.lib.npyio.NpzFile):
+                raise InputFileError(f"{p}: a single .npy array, not an .npz; save the {what} with numpy.savez")
+            arrays = {k: data[k] for k in data.files}
+    except InputFileError:
+        raise
+    except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as exc:
+        raise InputFileError(f"{p}: not a readable .npz file ({type(exc).__name__}: {exc}); re-save it with "
+                             "numpy.savez") from None
+    for name, arr in arrays.items():
+        if arr.dtype.kind not in "biuf":
+            raise InputFileError(f"{p}: array {name!r} holds {arr.dtype} values; {what} arrays must be real numbers "
+                                 "(float32 as Caffe's blobs)")
+    return arrays
+
+
+def check_inputs(inputs: dict[str, np.ndarray], graph_inputs: dict[str, list[int | str]], source: str) -> None:
+    """Every graph input has an array of its rank and fixed dims (a symbolic batch may be any size)."""
+    missing = [n for n in graph_inputs if n not in inputs]
+    if missing:
+        raise InputFileError(f"{source}: no array for graph input(s) {missing}; the npz has {sorted(inputs)}")
+    for name, dims in graph_inputs.items():
+        arr = inputs[name]
+        fits = arr.ndim == len(dims) and all(isinstance(d, str) or d == n for d, n in zip(dims, arr.shape))
+        if not fits:
+            raise InputFileError(f"{source}: array {name!r} has shape {list(arr.shape)} but graph input {name!r} "
+                                 f"takes {dims} (float32); save the blob Caffe was fed")
 
 
 def run_model(converted: ConvertedModel, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -49,9 +72,8 @@ def run_model(converted: ConvertedModel, inputs: dict[str, np.ndarray]) -> dict[
     model = converted.to_proto()
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     names = [i.name for i in sess.get_inputs()]
-    missing = [n for n in names if n not in inputs]
-    if missing:
-        raise InputFileError(f"inputs lack array(s) for graph input(s) {missing}; the npz has {sorted(inputs)}")
+    check_inputs(inputs, {i.name: [d if isinstance(d, int) else str(d) for d in i.shape] for i in sess.get_inputs()},
+                 "inputs")
     feed = {n: np.asarray(inputs[n], dtype=np.float32) for n in names}
     outs = sess.run(None, feed)
     return dict(zip([o.name for o in sess.get_outputs()], outs))
