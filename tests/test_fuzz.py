@@ -50,3 +50,19 @@ def test_any_blob_counts_and_shapes_convert_or_are_refused(layer_type: str, bott
         convert_net(text_format.Parse(text, caffe_pb2.NetParameter()), None, ConvertOptions())
     except CaffeOnnxError:
         pass
+
+
+# Mutants that misbehaved in benchmarks/fuzz_campaign.py runs, replayed by (campaign seed, mutant seed):
+# non-UTF-8 names in a caffemodel and in ONNX metadata, npy headers that are not Python literals, a NaN in a
+# shared blob's copies (a RuntimeWarning line before the error), and a net left with no layers.
+FOUND = {11: [11000875, 11001052, 11001076], 12: [12001439, 12001498], 14: [14000058, 14001054, 14001169]}
+
+
+def test_campaign_findings_stay_fixed(tmp_path: Path) -> None:
+    models = seed_onnx_models()
+    replay = [m for seed, wanted in FOUND.items() for m in mutants(seed, 1500, models) if m.seed in wanted]
+    assert len(replay) == sum(len(v) for v in FOUND.values())
+    outcomes, _ = run_mutants(replay, tmp_path)
+    bad = [describe(o) for o in outcomes if not o.acceptable]
+    assert not bad, "\n".join(bad)
+    assert all(len(o.stderr.strip().splitlines()) == 1 for o in outcomes), [o.stderr for o in outcomes]

@@ -19,7 +19,8 @@ from typing import BinaryIO
 
 import numpy as np
 from google.protobuf import text_format
-from google.protobuf.message import DecodeError
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import DecodeError, Message
 
 from caffeonnx.errors import InputFileError, PrototxtError
 from caffeonnx.fileio import atomic_write
@@ -52,6 +53,22 @@ class CaffeWeights:
     path: Path
     net: caffe_pb2.NetParameter
     blobs: dict[str, list[Blob]] = field(default_factory=dict)
+
+
+def undecodable_text(message: Message, path: str = "") -> str | None:
+    """The path of the first string field whose bytes are not UTF-8 (protobuf returns those as bytes), else None."""
+    for field, value in message.ListFields():
+        values = value if field.is_repeated else [value]
+        where = f"{path}.{field.name}" if path else field.name
+        for i, item in enumerate(values):
+            here = f"{where}[{i}]" if field.is_repeated else where
+            if field.type == FieldDescriptor.TYPE_STRING and not isinstance(item, str):
+                return here
+            if field.type == FieldDescriptor.TYPE_MESSAGE:
+                found = undecodable_text(item, here)
+                if found is not None:
+                    return found
+    return None
 
 
 def check_input_file(path: str | os.PathLike[str], what: str) -> Path:
@@ -243,6 +260,9 @@ def read_caffemodel(path: str | os.PathLike[str]) -> CaffeWeights:
         raise InputFileError(f"{p}: not a binary caffemodel ({exc}); pass the .caffemodel, not the prototxt") from None
     if not layer_msgs:
         raise InputFileError(f"{p}: not a caffemodel: it holds no layers (is it the right file?)")
+    bad = undecodable_text(net)
+    if bad is not None:
+        raise InputFileError(f"{p}: field {bad} is not UTF-8 text; the caffemodel is damaged (re-save it from Caffe)")
     weights = CaffeWeights(path=p, net=net)
     v2 = [m for m in layer_msgs if m[0] == _NET_LAYER]
     v1 = [m for m in layer_msgs if m[0] == _NET_LAYERS]

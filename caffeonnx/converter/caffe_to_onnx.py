@@ -208,6 +208,10 @@ def convert_net(
         outputs += _split_blobs(layers, tops_per_layer, consumers, builder)
     inputs = {name for name, _, _ in builder.inputs}
     outputs = [o for o in outputs if o not in inputs or o in available]
+    if not outputs:
+        what = "no layers" if not layers else "no output: every blob is consumed (by a Silence layer or a loss)"
+        raise CaffeOnnxError(f"{source}: the net has {what} for the NetState ({_state_text(state)}), so the ONNX "
+                             "model could not be run; check the phase/stage/level, or drop the Silence layer")
 
     graph_inputs = []
     for name, shape, dtype in builder.inputs:

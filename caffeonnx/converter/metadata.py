@@ -225,6 +225,9 @@ def validate(model: ModelProto) -> None:
     meta = read_metadata(model)
     if KEY_NET not in meta and KEY_LAYERS not in meta and KEY_PARAMS not in meta:
         return
+    for key, value in meta.items():
+        if not isinstance(key, str) or not isinstance(value, str):  # protobuf hands undecodable text back as bytes
+            raise _damaged(str(key), "not UTF-8 text")
     try:
         net = text_format.Parse(meta.get(KEY_NET, ""), caffe_pb2.NetParameter())
     except text_format.ParseError as exc:

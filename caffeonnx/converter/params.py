@@ -84,7 +84,8 @@ class ParamTable:
         # A filled copy is dropped (Caffe's ShareData points the sharing layer at the owner's blob);
         # a caffemodel holds one copy per layer (PERMISSIVE: same count, own shape) and they must agree.
         if weights_source is not None and not np.array_equal(data.reshape(-1), owner.data.reshape(-1), equal_nan=True):
-            diff = float(np.max(np.abs(data.reshape(-1) - owner.data.reshape(-1))))
+            with np.errstate(invalid="ignore", over="ignore"):  # NaN/inf copies: the message says so, not a warning
+                diff = float(np.max(np.abs(data.reshape(-1) - owner.data.reshape(-1))))
             raise WeightsError(
                 f"{weights_source}: shared param {caffe_name!r} differs between layer {owner.owner!r} and "
                 f"layer {layer!r} (max abs difference {diff:g}); Caffe keeps one copy per layer and "

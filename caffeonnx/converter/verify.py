@@ -6,6 +6,7 @@ made a graph output, run through onnxruntime, and compared with the reference.
 from __future__ import annotations
 
 import os
+import tokenize
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -42,7 +43,8 @@ def load_npz(path: str | os.PathLike[str], what: str) -> dict[str, np.ndarray]:
             arrays = {k: data[k] for k in data.files}
     except InputFileError:
         raise
-    except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as exc:
+    except (ValueError, OSError, EOFError, KeyError, SyntaxError, tokenize.TokenError, zipfile.BadZipFile,
+            zlib.error) as exc:  # numpy parses each array's header as a Python literal
         raise InputFileError(f"{p}: not a readable .npz file ({type(exc).__name__}: {exc}); re-save it with "
                              "numpy.savez") from None
     for name, arr in arrays.items():
