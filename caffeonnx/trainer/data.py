@@ -1,10 +1,12 @@
-"""Training data for the net's input blobs: .npz/.npy arrays and MNIST IDX files.
+"""Training data for the net's input blobs: the net's own data layers, or .npz/.npy/IDX arrays.
 
-Like Caffe's Data layer, samples are consumed in order, in batches of the input blob's
-batch size, wrapping around at the end, with no shuffling.  Batch number k is a pure
-function of k, so a resumed run sees exactly the batches an uninterrupted run would.
-A layer's `transform_param` (scale, mean_value) is applied to the blobs it produces:
-Caffe computes (x − mean)·scale.
+`net_source` reads what Caffe's data layers read (Data: LMDB/LevelDB, HDF5Data,
+ImageData, DummyData), each layer with its own cursor and batch size, as Caffe's
+forward pass does.  `load_source` takes user arrays (--data) for Input/MemoryData nets:
+samples in order, in batches of the input blob's batch size, wrapping around at the end;
+a layer's `transform_param` (scale, mean_value) is applied as Caffe computes it,
+(x − mean)·scale.  In both, batch number k is a pure function of k, so a resumed run
+sees exactly the batches an uninterrupted run would.
 """
 from __future__ import annotations
 
@@ -13,9 +15,14 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
+from caffeonnx.converter.fillers import fill
+from caffeonnx.data.hdf5_source import Hdf5Source
+from caffeonnx.data.image_source import ImageDataSource
+from caffeonnx.data.lmdb_source import DataLayerSource
 from caffeonnx.errors import DataError, InputFileError
 from caffeonnx.proto import caffe_pb2
 from caffeonnx.runtime.inputs import open_samples
@@ -199,83 +206,164 @@ def _read_one(path: Path) -> np.ndarray:
     return _load_array(path)
 
 
-def _mean_file(path: str) -> np.ndarray:
-    """A binaryproto mean image (BlobProto) as a (C, H, W) float32 array."""
-    p = Path(path)
-    if not p.is_file():
-        raise InputFileError(f"transform_param.mean_file {path!r} does not exist; check the path")
-    blob = caffe_pb2.BlobProto.FromString(p.read_bytes())
-    dims = list(blob.shape.dim) if blob.HasField("shape") else [blob.num, blob.channels, blob.height, blob.width]
-    values = np.asarray(blob.data if len(blob.data) else blob.double_data, dtype=np.float32)
-    return values.reshape(dims[-3:])
+class LayerSource(Protocol):
+    """What one data layer gives: its tops' batch shapes, record counts and batch k."""
+
+    where: str  # the layer, for messages
+    tops: list[str]
+    shapes: dict[str, Shape]
+
+    @property
+    def samples(self) -> dict[str, int]: ...
+
+    def batch(self, index: int) -> dict[str, np.ndarray]: ...
 
 
-class LmdbSource:
-    """A Caffe Data layer: batches of Datums from its LMDB with Caffe's DataTransformer.
+class DataSource(Protocol):
+    """What the trainer reads: batch k of every input blob (a pure function of k)."""
 
-    Per sample, as Caffe: crop (random offsets in TRAIN, centred in TEST), mirror (a coin
-    flip when `mirror` is set), subtract the mean (mean_file pixel or mean_value channel),
-    multiply by `scale`.  The random draws of batch k come from a generator seeded with
-    (seed, k), so a resumed run draws the same crops and flips.
+    shapes: dict[str, Shape]
+
+    @property
+    def samples(self) -> dict[str, int]: ...
+
+    def batch(self, index: int) -> dict[str, np.ndarray]: ...
+
+
+class DummySource:
+    """A DummyData layer: every forward Caffe refills each top with its filler, except constant ones.
+
+    Non-constant tops of batch k are drawn from a generator seeded with (seed, layer, k, top),
+    so batch k is a pure function of k (the values are not Caffe's RNG stream).
     """
 
-    def __init__(self, layer: caffe_pb2.LayerParameter, shapes: Mapping[str, Shape], train: bool, seed: int) -> None:
-        from caffeonnx.data.lmdb_source import DatumDB
-
-        if layer.data_param.backend != caffe_pb2.DataParameter.LMDB:
-            raise DataError(f"layer {layer.name!r}: only LMDB Data sources are supported (backend LEVELDB is not); "
-                            "convert the database or feed the samples with --data")
-        self.db = DatumDB(layer.data_param.source)
-        self.layer = layer
+    def __init__(self, layer: caffe_pb2.LayerParameter, seed: int, salt: int) -> None:
+        p = layer.dummy_data_param
+        self.where = where = f"layer {layer.name!r} (DummyData)"
         self.tops = list(layer.top)
-        self.shapes = {t: tuple(shapes[t]) for t in self.tops if t in shapes}
-        self.train = train
-        self.seed = seed
-        t = layer.transform_param
-        self.scale = float(t.scale)
-        self.crop = int(t.crop_size)
-        self.mirror = bool(t.mirror)
-        self.mean_image = _mean_file(t.mean_file) if t.HasField("mean_file") else None
-        if self.mean_image is not None and t.mean_value:
-            raise DataError(f"layer {layer.name!r}: Cannot specify mean_file and mean_value at the same time")
-        self.mean_values = np.asarray(t.mean_value, dtype=np.float32)
+        n = len(self.tops)
+        if len(p.data_filler) not in (0, 1, n):
+            raise DataError(f"{where}: Number of data fillers must be 0, 1 or equal to the number of tops: {n}; you "
+                            f"specified {len(p.data_filler)} data fillers.")
+        legacy = {"num": p.num, "channels": p.channels, "height": p.height, "width": p.width}
+        if any(legacy.values()):
+            if p.shape:
+                raise DataError(f"{where}: Both shape and legacy fields were specified")
+            for field, values in legacy.items():
+                if len(values) not in (1, n):
+                    raise DataError(f"{where}: Must specify '{field}' once, or once per top blob ({n}); specified "
+                                    f"{len(values)}.")
+            dims = [tuple(int(v[i] if len(v) > 1 else v[0]) for v in legacy.values()) for i in range(n)]
+        else:
+            if len(p.shape) not in (1, n):
+                raise DataError(f"{where}: Must specify 'shape' once, or once per top blob ({n}); specified "
+                                f"{len(p.shape)}.")
+            dims = [tuple(int(d) for d in p.shape[i if len(p.shape) > 1 else 0].dim) for i in range(n)]
+        default = caffe_pb2.FillerParameter(type="constant", value=0)
+        self.fillers = [p.data_filler[i if len(p.data_filler) > 1 else 0] if p.data_filler else default
+                        for i in range(n)]
+        self.shapes = dict(zip(self.tops, dims))
+        self.seed, self.salt = seed, salt
+        self.constant = {t: fill(f, self.shapes[t], np.random.default_rng(0))
+                         for t, f in zip(self.tops, self.fillers) if f.type == "constant"}
 
     @property
     def samples(self) -> dict[str, int]:
-        """How many records the database holds (for each top)."""
-        return {t: len(self.db) for t in self.shapes}
-
-    def _transform(self, datum: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        c, h, w = datum.shape
-        x = datum.astype(np.float32)
-        if self.mean_image is not None:
-            if self.mean_image.shape != datum.shape:
-                raise DataError(f"mean_file is {list(self.mean_image.shape)} but the Datums are {list(datum.shape)}")
-            x = x - self.mean_image
-        elif self.mean_values.size:
-            if self.mean_values.size not in (1, c):
-                raise DataError(f"layer {self.layer.name!r}: Specify either 1 mean_value or as many as channels: {c}")
-            x = x - self.mean_values.reshape(-1, 1, 1)
-        if self.crop:
-            if self.train:
-                top, left = int(rng.integers(h - self.crop + 1)), int(rng.integers(w - self.crop + 1))
-            else:
-                top, left = (h - self.crop) // 2, (w - self.crop) // 2
-            x = x[:, top:top + self.crop, left:left + self.crop]
-        if self.mirror and rng.integers(2):
-            x = x[:, :, ::-1]
-        return x * np.float32(self.scale) if self.scale != 1.0 else x
+        """The batch size of each top (DummyData has no records; every batch is new)."""
+        return {t: s[0] if s else 1 for t, s in self.shapes.items()}
 
     def batch(self, index: int) -> dict[str, np.ndarray]:
-        """Batch number `index`: the data top transformed, the label top as float (Caffe's blobs are float)."""
-        size = self.shapes[self.tops[0]][0]
-        data, labels = self.db.read(list(range(index * size, (index + 1) * size)))
-        rng = np.random.default_rng((self.seed, index))
-        out = {self.tops[0]: np.stack([self._transform(d, rng) for d in data]).astype(np.float32)}
-        if len(self.tops) > 1 and self.tops[1] in self.shapes:
-            out[self.tops[1]] = labels.reshape(self.shapes[self.tops[1]])
-        expected = self.shapes[self.tops[0]]
-        if out[self.tops[0]].shape != expected:
-            raise DataError(f"layer {self.layer.name!r}: transformed batch is {list(out[self.tops[0]].shape)} but "
-                            f"the net expects {list(expected)}")
+        """Batch `index`: constant tops as filled once, the others refilled."""
+        return {t: self.constant[t] if t in self.constant else
+                fill(f, self.shapes[t], np.random.default_rng((self.seed, self.salt, index, i)))
+                for i, (t, f) in enumerate(zip(self.tops, self.fillers))}
+
+
+def _layer_source(layer: caffe_pb2.LayerParameter, train: bool, seed: int, salt: int) -> LayerSource:
+    """The reader of one data layer, or a DataError saying what to do instead."""
+    kind = layer.type
+    if kind == "Data":
+        return DataLayerSource(layer, train, seed, salt)
+    if kind == "HDF5Data":
+        return Hdf5Source(layer, seed, salt)
+    if kind == "ImageData":
+        return ImageDataSource(layer, train, seed, salt)
+    if kind == "DummyData":
+        return DummySource(layer, seed, salt)
+    if kind in ("Input", "MemoryData"):
+        raise DataError(f"layer {layer.name!r} ({kind}) takes its blobs {list(layer.top)} from the caller; pass the "
+                        "samples with --data FILE.npz (one array per blob)")
+    if kind == "WindowData":
+        raise DataError(f"layer {layer.name!r} (WindowData) is not supported for training: crop the windows into "
+                        "image files and list them for an ImageData layer, or pass the samples with --data")
+    raise DataError(f"layer {layer.name!r} ({kind}) is not a data layer caffeonnx can read; pass the samples of "
+                    f"{list(layer.top)} with --data")
+
+
+class NetSource:
+    """Several data layers read side by side, each with its own cursor and batch size, as in Caffe's forward."""
+
+    def __init__(self, sources: Sequence[LayerSource], needed: Sequence[str], shapes: Mapping[str, Shape]) -> None:
+        self.sources = list(sources)
+        self.needed = list(needed)
+        given = {t: s for src in self.sources for t, s in src.shapes.items()}
+        self.shapes = {t: tuple(shapes.get(t, given[t])) for t in self.needed}
+        for t in self.needed:
+            self._check(t, given[t])
+
+    def _check(self, top: str, shape: Shape) -> None:
+        want = self.shapes[top]
+        if tuple(shape) != want and int(np.prod(shape)) != int(np.prod(want)):
+            layer = next(src for src in self.sources if top in src.shapes)
+            raise DataError(f"{layer.where} gives {top!r} batches of shape "
+                            f"{list(shape)} but the net expects {list(want)}; check the data or --input-shape")
+
+    @property
+    def samples(self) -> dict[str, int]:
+        """How many records each needed blob's source holds."""
+        counts = {t: n for src in self.sources for t, n in src.samples.items()}
+        return {t: counts[t] for t in self.needed}
+
+    def batch(self, index: int) -> dict[str, np.ndarray]:
+        """Batch number `index` of every needed blob, float32, in the net's shapes."""
+        out = {}
+        for src in self.sources:
+            for top, arr in src.batch(index).items():
+                if top in self.shapes:
+                    self._check(top, arr.shape)
+                    out[top] = np.asarray(arr, dtype=np.float32).reshape(self.shapes[top])
         return out
+
+
+def net_source(layers: Sequence[caffe_pb2.LayerParameter], needed: Sequence[str], shapes: Mapping[str, Shape],
+               train: bool, seed: int) -> DataSource:
+    """Batches of the `needed` blobs read by the net's own data layers (already phase/stage-filtered).
+
+    Each layer that produces a needed blob reads its source in order, wrapping mid-batch,
+    with its own batch size and cursor; `train` picks the DataTransformer's phase (random
+    crops in TRAIN, centred in TEST); `seed` seeds every random draw, keyed by the layer's
+    position in `layers` and the batch index.
+    """
+    producers: dict[str, caffe_pb2.LayerParameter] = {}
+    feeding: list[tuple[int, caffe_pb2.LayerParameter]] = []
+    for salt, layer in enumerate(layers):
+        tops = [t for t in layer.top if t in needed] if not layer.bottom else []  # in-place layers rewrite, not feed
+        for top in tops:
+            if top in producers:
+                raise DataError(f"blob {top!r} is produced by both layer {producers[top].name!r} and layer "
+                                f"{layer.name!r}; give them include {{ phase }} rules so one net has one")
+            producers[top] = layer
+        if tops:
+            feeding.append((salt, layer))
+    missing = [t for t in needed if t not in producers]
+    if missing:
+        raise DataError(f"no data layer of the net produces {missing}; pass the samples with --data FILE.npz "
+                        "(one array per blob)")
+    return NetSource([_layer_source(layer, train, seed, salt) for salt, layer in feeding], needed, shapes)
+
+
+class LmdbSource(NetSource):
+    """One Data layer's batches (LMDB or LevelDB), with Caffe's DataTransformer: net_source for a single layer."""
+
+    def __init__(self, layer: caffe_pb2.LayerParameter, shapes: Mapping[str, Shape], train: bool, seed: int) -> None:
+        super().__init__([DataLayerSource(layer, train, seed, 0)], [t for t in layer.top if t in shapes], shapes)

@@ -3,10 +3,11 @@ from __future__ import annotations
 
 from caffeonnx.converter.context import LayerContext
 from caffeonnx.converter.registry import register_layer
+from caffeonnx.errors import CaffeOnnxError
 from caffeonnx.proto import caffe_pb2
 
 
-@register_layer("Input")
+@register_layer("Input", bottoms=0, tops=(1, None))
 def convert_input(layer: caffe_pb2.LayerParameter, ctx: LayerContext) -> None:
     """Input: tops fed by the user, with the shapes of input_param (one shape, or one per top)."""
     shapes = [tuple(s.dim) for s in layer.input_param.shape]
@@ -17,7 +18,7 @@ def convert_input(layer: caffe_pb2.LayerParameter, ctx: LayerContext) -> None:
         ctx.graph_input(i, shape)
 
 
-@register_layer("DummyData")
+@register_layer("DummyData", bottoms=0, tops=(1, None))
 def convert_dummy_data(layer: caffe_pb2.LayerParameter, ctx: LayerContext) -> None:
     """DummyData: filler-made blobs in Caffe; graph inputs here, so callers feed them."""
     p = layer.dummy_data_param
@@ -33,7 +34,7 @@ def convert_dummy_data(layer: caffe_pb2.LayerParameter, ctx: LayerContext) -> No
         ctx.graph_input(i, shapes[i] if len(shapes) > 1 else shapes[0])
 
 
-@register_layer("MemoryData")
+@register_layer("MemoryData", bottoms=0, tops=2)
 def convert_memory_data(layer: caffe_pb2.LayerParameter, ctx: LayerContext) -> None:
     """MemoryData: (batch, channels, height, width) data and a (batch,) label."""
     p = layer.memory_data_param
@@ -42,39 +43,95 @@ def convert_memory_data(layer: caffe_pb2.LayerParameter, ctx: LayerContext) -> N
         ctx.graph_input(1, (p.batch_size,))
 
 
-def _datum_shape(layer: caffe_pb2.LayerParameter, ctx: LayerContext) -> tuple[int, ...]:
-    """Shape of one Datum in the Data layer's LMDB (after transform_param crop)."""
-    p = layer.data_param
-    if layer.top[0] in ctx.options.input_shapes:
-        return ()
-    from caffeonnx.data.lmdb_source import first_datum_shape  # optional dependency: lmdb
+def _decode_color(layer: caffe_pb2.LayerParameter, ctx: LayerContext) -> bool | None:
+    """How an encoded Datum decodes: force_color, force_gray, or as stored."""
+    t = layer.transform_param
+    if t.force_color and t.force_gray:
+        raise ctx.error("cannot set both force_color and force_gray")
+    return True if t.force_color else (False if t.force_gray else None)
 
-    try:
-        c, h, w = first_datum_shape(p.source)
-    except Exception as exc:  # noqa: BLE001 - reported with the fix to apply
-        raise ctx.error(
-            f"cannot read the data shape from source {p.source!r} ({exc}); give it with "
-            f"--input-shape {layer.top[0]}=N,C,H,W"
-        ) from None
+
+def _cropped(layer: caffe_pb2.LayerParameter, c: int, h: int, w: int) -> tuple[int, int, int]:
     crop = layer.transform_param.crop_size
     return (c, crop, crop) if crop else (c, h, w)
 
 
-@register_layer("Data")
+def _datum_shape(layer: caffe_pb2.LayerParameter, ctx: LayerContext) -> tuple[int, ...]:
+    """Shape of one Datum in the Data layer's LMDB or LevelDB (decoded if encoded; after the crop)."""
+    p = layer.data_param
+    if layer.top[0] in ctx.options.input_shapes:
+        return ()
+    from caffeonnx.data.lmdb_source import first_datum_shape
+
+    color = _decode_color(layer, ctx)
+    try:
+        c, h, w = first_datum_shape(p.source, p.backend, color)
+    except CaffeOnnxError as exc:
+        raise ctx.error(
+            f"cannot read the data shape from source {p.source!r} ({exc}); give it with "
+            f"--input-shape {layer.top[0]}=N,C,H,W"
+        ) from None
+    return _cropped(layer, c, h, w)
+
+
+@register_layer("Data", bottoms=0, tops=(1, 2))
 def convert_data(layer: caffe_pb2.LayerParameter, ctx: LayerContext) -> None:
-    """Data: batches of Datum records from an LMDB; image and label become graph inputs."""
+    """Data: batches of Datum records from an LMDB or LevelDB; image and label become graph inputs."""
     batch = layer.data_param.batch_size
     ctx.graph_input(0, (batch, *_datum_shape(layer, ctx)))
     if len(layer.top) > 1:
         ctx.graph_input(1, (batch,))
 
 
-@register_layer("HDF5Data")
+@register_layer("HDF5Data", bottoms=0, tops=(1, None))
 def convert_hdf5_data(layer: caffe_pb2.LayerParameter, ctx: LayerContext) -> None:
-    """HDF5Data: one top per dataset; shapes come from --input-shape (the files are not read)."""
-    for i, top in enumerate(layer.top):
-        if top not in ctx.options.input_shapes:
+    """HDF5Data: one top per dataset, its per-row shape read from the first listed .h5 file."""
+    from caffeonnx.data.hdf5_source import dataset_shapes, read_hdf5_list
+
+    p = layer.hdf5_data_param
+    unknown = [t for t in layer.top if t not in ctx.options.input_shapes]
+    shapes: dict[str, tuple[int, ...]] = {}
+    if unknown:
+        try:
+            _, shapes = dataset_shapes(read_hdf5_list(p.source, "HDF5Data")[0], unknown, "HDF5Data")
+        except CaffeOnnxError as exc:
             raise ctx.error(
-                f"the shape of HDF5 dataset {top!r} is not in the prototxt; give it with --input-shape {top}=N,..."
-            )
-        ctx.graph_input(i, ctx.options.input_shapes[top])
+                f"cannot read the dataset shapes from source {p.source!r} ({exc}); give them with "
+                + " ".join(f"--input-shape {t}=N,..." for t in unknown)
+            ) from None
+    for i, top in enumerate(layer.top):
+        ctx.graph_input(i, (p.batch_size, *shapes.get(top, ())))
+
+
+@register_layer("ImageData", bottoms=0, tops=2)
+def convert_image_data(layer: caffe_pb2.LayerParameter, ctx: LayerContext) -> None:
+    """ImageData: images from a list file (BGR or gray, new_height/new_width, crop) and labels as graph inputs."""
+    p = layer.image_data_param
+    if layer.top[0] in ctx.options.input_shapes:
+        sample: tuple[int, ...] = ()
+    elif p.new_height > 0 and p.new_width > 0:
+        sample = _cropped(layer, 3 if p.is_color else 1, p.new_height, p.new_width)
+    else:
+        from caffeonnx.data.image_source import first_image_shape
+
+        try:
+            sample = first_image_shape(layer)
+        except CaffeOnnxError as exc:
+            raise ctx.error(
+                f"cannot read the image size from source {p.source!r} ({exc}); give it with "
+                f"--input-shape {layer.top[0]}=N,C,H,W"
+            ) from None
+    ctx.graph_input(0, (p.batch_size, *sample))
+    if len(layer.top) > 1:
+        ctx.graph_input(1, (p.batch_size,))
+
+
+@register_layer("WindowData", bottoms=0, tops=2)
+def convert_window_data(layer: caffe_pb2.LayerParameter, ctx: LayerContext) -> None:
+    """WindowData: refused with the fix (R-CNN window files are not read)."""
+    crop = layer.transform_param.crop_size or layer.window_data_param.crop_size
+    raise ctx.error(
+        "WindowData (R-CNN window files) is not supported; replace the layer by an Input layer with "
+        f"shape {{ dim: {layer.window_data_param.batch_size} dim: 3 dim: {crop} dim: {crop} }} (and one for the "
+        "label) to convert the net"
+    )

@@ -1,9 +1,9 @@
-"""An LMDB of Caffe Datum records as Caffe's `convert_mnist_data` tool writes one, for the tests.
+"""An LMDB of Caffe Datum records as Caffe's `convert_mnist_data` / `convert_imageset` tools write one.
 
 `convert_mnist_data` stores each image as one `Datum` (channels 1, height, width, the raw
 uint8 pixels in `data`, the digit in `label`) under the key `"%08d"` of its index, so a
-cursor walks the records in file order.  Writing the same records here exercises the
-trainer's Data-layer path without Caffe's tools.
+cursor walks the records in file order.  Writing the same records here lets users (and the
+tests) make the databases Caffe's Data layers read without Caffe's tools.
 """
 from __future__ import annotations
 
