@@ -16,7 +16,11 @@ from rich.table import Table
 from caffeonnx.errors import CaffeOnnxError
 
 app = typer.Typer(
-    help="Caffe <-> ONNX conversion, Caffe-exact training and ONNX Runtime serving.",
+    help="Caffe <-> ONNX conversion, Caffe-exact training and ONNX Runtime serving.\n\n"
+         "Exit codes: 0 ok; 1 a check found differences (verify, demo); 2 user error (bad option, file or "
+         "model: one line on stderr); 130 interrupted (Ctrl-C/SIGINT); 143 terminated (SIGTERM). train stops at "
+         "the next iteration boundary and snapshots it first (a second signal discards the iteration in "
+         "progress); encode removes its temporary files.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
@@ -42,13 +46,22 @@ BatchOption = Annotated[
 ]
 OpsetOption = Annotated[int, typer.Option("--opset", help="ONNX opset to target.")]
 PhaseOption = Annotated[str, typer.Option("--phase", help="Caffe phase whose layers to convert: TEST or TRAIN.")]
+StageOption = Annotated[
+    Optional[list[str]],
+    typer.Option("--stage", help="A NetState stage, as `caffe --stage` (repeatable): selects include/exclude "
+                                 "{ stage / not_stage } layers; added to the prototxt's own state { stage }."),
+]
+LevelOption = Annotated[
+    int, typer.Option("--level", help="The NetState level, as `caffe --level`: selects min_level/max_level layers.")
+]
 InputShapeOption = Annotated[
     Optional[list[str]],
     typer.Option("--input-shape", help="NAME=D0,D1,... for inputs whose shape the prototxt does not give."),
 ]
 
 
-def _options(opset: int = 21, batch: int | None = None, phase: str = "TEST", input_shape: list[str] | None = None, **kw: object):
+def _options(opset: int = 21, batch: int | None = None, phase: str = "TEST", input_shape: list[str] | None = None,
+             stage: list[str] | None = None, level: int = 0, **kw: object):
     from caffeonnx.converter.context import ConvertOptions
     from caffeonnx.proto import caffe_pb2
 
@@ -66,7 +79,8 @@ def _options(opset: int = 21, batch: int | None = None, phase: str = "TEST", inp
             raise CaffeOnnxError(f"--input-shape expects NAME=D0,D1,..., got {item!r}") from None
         if any(d <= 0 for d in shapes[name]):
             raise CaffeOnnxError(f"--input-shape dimensions must be positive integers, got {item!r}")
-    return ConvertOptions(opset=opset, batch=batch, phase=caffe_pb2.Phase.Value(phase_up), input_shapes=shapes, **kw)
+    return ConvertOptions(opset=opset, batch=batch, phase=caffe_pb2.Phase.Value(phase_up), input_shapes=shapes,
+                          stages=tuple(stage or ()), level=level, **kw)
 
 
 @app.command()
@@ -79,6 +93,8 @@ def convert(
     batch: BatchOption = None,
     fp16: Annotated[bool, typer.Option("--fp16", help="Store weights as float16.")] = False,
     phase: PhaseOption = "TEST",
+    stage: StageOption = None,
+    level: LevelOption = 0,
     input_shape: InputShapeOption = None,
     init_missing: Annotated[
         bool, typer.Option("--init-missing", help="Initialise layers missing from the caffemodel with their fillers.")
@@ -88,7 +104,8 @@ def convert(
     """Convert a Caffe prototxt (+ caffemodel) to ONNX."""
     from caffeonnx.converter.caffe_to_onnx import convert_files
 
-    opts = _options(opset, batch, phase, input_shape, all_blobs=all_blobs, fp16=fp16, init_missing=init_missing, seed=seed)
+    opts = _options(opset, batch, phase, input_shape, stage, level, all_blobs=all_blobs, fp16=fp16,
+                    init_missing=init_missing, seed=seed)
     with err.status(f"converting {prototxt.name}"):
         converted = convert_files(prototxt, weights, opts)
         converted.save(output)
@@ -124,11 +141,13 @@ def verify(
     atol: Annotated[float, typer.Option("--atol")] = 1e-5,
     rtol: Annotated[float, typer.Option("--rtol")] = 1e-4,
     phase: PhaseOption = "TEST",
+    stage: StageOption = None,
+    level: LevelOption = 0,
 ) -> None:
     """Convert and compare every blob with a Caffe dump; prints the worst error per blob."""
     from caffeonnx.converter.verify import verify_files
 
-    checks = verify_files(prototxt, weights, inputs, reference, atol, rtol, _options(phase=phase))
+    checks = verify_files(prototxt, weights, inputs, reference, atol, rtol, _options(phase=phase, stage=stage, level=level))
     if not _print_checks(checks, atol, rtol):
         raise typer.Exit(1)
 
@@ -143,11 +162,24 @@ def to_caffe(
         bool, typer.Option("--allow-extensions",
                            help="Allow layers/fields newer than BVLC Caffe 1.0 (Permute, Clip, pooling round_mode).")
     ] = False,
+    stage: Annotated[Optional[list[str]], typer.Option(
+        "--stage", help="Stages for the written prototxt's state { stage } (repeatable; default: the stages the "
+                        "model was converted with, from its metadata).")] = None,
+    level: Annotated[Optional[int], typer.Option(
+        "--level", help="Level for the written prototxt's state (default: the converted one).")] = None,
 ) -> None:
-    """Convert ONNX back to a Caffe prototxt (+ caffemodel); exact for models caffeonnx wrote."""
-    from caffeonnx.converter.onnx_to_caffe import convert_to_caffe_files
+    """Convert ONNX back to a Caffe prototxt (+ caffemodel); exact for models caffeonnx wrote.
 
-    result = convert_to_caffe_files(model, output, weights, batch, allow_extensions)
+    The prototxt keeps every phase's layers and records the stages/level the model was converted with in
+    its `state`, so Caffe selects the same layers.
+    """
+    from caffeonnx.converter.onnx_to_caffe import convert_to_caffe_files
+    from caffeonnx.proto import caffe_pb2
+
+    state = None
+    if stage is not None or level is not None:
+        state = caffe_pb2.NetState(stage=stage or [], level=level or 0)
+    result = convert_to_caffe_files(model, output, weights, batch, allow_extensions, state)
     n_blobs = sum(len(b) for b in result.blobs.values())
     out.print(f"wrote {output} ({len(result.net.layer)} layers)" + (f" and {weights} ({n_blobs} blobs)" if weights else ""))
 
@@ -157,12 +189,14 @@ def inspect(
     file: Annotated[Path, typer.Argument(help="A .prototxt, .caffemodel or .onnx file.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print a machine-readable JSON document.")] = False,
     phase: PhaseOption = "TEST",
+    stage: StageOption = None,
+    level: LevelOption = 0,
     input_shape: InputShapeOption = None,
 ) -> None:
     """Show layers, blob shapes, shared params and their users, and unique vs per-layer parameter counts."""
     from caffeonnx.converter.inspect import inspect_file, renderables
 
-    result = inspect_file(file, _options(phase=phase, input_shape=input_shape))
+    result = inspect_file(file, _options(phase=phase, input_shape=input_shape, stage=stage, level=level))
     if as_json:
         print(result.to_json())
         return
@@ -199,16 +233,37 @@ def demo(
         raise typer.Exit(1)
 
 
+def _print_version(value: bool) -> None:
+    """--version: print `caffeonnx X.Y.Z` and stop before any command runs."""
+    if value:
+        from caffeonnx import __version__
+
+        out.print(f"caffeonnx {__version__}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _top(
+    version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                         help="Print the version and exit.")] = False,
+) -> None:
+    """Options given before the command (the help text is the app's)."""
+
+
 def main() -> None:
-    """Console-script entry point: maps user errors to one line and exit code 2."""
+    """Console-script entry point: user errors exit 2 with one line, Ctrl-C exits 130 with one line."""
     try:
         app()
     except CaffeOnnxError as exc:
         err.print(f"[bold red]error:[/bold red] {exc}", highlight=False, soft_wrap=True)
         sys.exit(2)
-    except KeyboardInterrupt:
-        err.print("interrupted")
+    except KeyboardInterrupt:  # raised outside typer's command call (typer itself turns it into exit 130)
+        err.print("interrupted", highlight=False)
         sys.exit(130)
+    except SystemExit as exc:
+        if exc.code == 130:  # typer's own KeyboardInterrupt handling exits 130 silently
+            err.print("interrupted", highlight=False)
+        raise
 
 
 from caffeonnx.runtime.commands import register as register_runtime  # noqa: E402

@@ -16,6 +16,17 @@ from pathlib import Path
 from caffeonnx.errors import CaffeOnnxError
 
 
+def cli_command(*args: str) -> list[str]:
+    """`caffeonnx ARGS` as a child process of this Python, importing caffeonnx from where this process did.
+
+    `python -m` puts the current directory first on sys.path, so a folder named `caffeonnx` there
+    would shadow the package; -P (Python 3.11+) leaves it out, and older Pythons drop it by hand.
+    """
+    if sys.version_info >= (3, 11):
+        return [sys.executable, "-P", "-m", "caffeonnx.cli", *args]
+    return [sys.executable, "-c", "import sys; del sys.path[0]; from caffeonnx.cli import main; main()", *args]
+
+
 def free_port() -> int:
     """A TCP port free on 127.0.0.1 right now."""
     with socket.socket() as s:
@@ -57,8 +68,7 @@ def serve_in_child(
     `capture_output` the child's stdout+stderr stay readable via `proc.communicate()`.
     """
     port = free_port()
-    cmd = [sys.executable, "-m", "caffeonnx.cli", "serve", str(model), "--port", str(port), "--name", name,
-           "--device", device, *args]
+    cmd = cli_command("serve", str(model), "--port", str(port), "--name", name, "--device", device, *args)
     with tempfile.TemporaryFile("w+") as log:
         out = subprocess.PIPE if capture_output else subprocess.DEVNULL
         err = subprocess.STDOUT if capture_output else log

@@ -10,9 +10,11 @@ stops accepting, finishes the requests in flight, then exits.
 from __future__ import annotations
 
 import contextlib
+import errno
 import gc
 import logging
 import signal
+import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -24,6 +26,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from caffeonnx import __version__
+from caffeonnx.errors import CaffeOnnxError
 from caffeonnx.runtime.batcher import DynamicBatcher
 from caffeonnx.runtime.infer_endpoint import INFER_PATH, InferEndpoint, Receive, Scope, Send
 from caffeonnx.runtime.protocol import ProtocolError, model_metadata, triton_config
@@ -171,15 +174,31 @@ def build_app(session: EncoderSession, config: ServerConfig) -> InferenceApp:
     return InferenceApp(app, infer, metrics)
 
 
-def serve(session: EncoderSession, config: ServerConfig, host: str = "127.0.0.1", port: int = 8000) -> None:
-    """Run the server until SIGINT/SIGTERM: uvicorn stops accepting, finishes in-flight requests, then returns.
+def listen(host: str, port: int) -> socket.socket:
+    """The server's socket, bound before anything says it serves: a busy port is a one-line user error."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a previous run's TIME_WAIT is no obstacle
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise CaffeOnnxError(f"port {port} on {host} is already in use; stop what listens there or choose "
+                                 "another --port") from None
+        raise CaffeOnnxError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    return sock
+
+
+def serve(session: EncoderSession, config: ServerConfig, sock: socket.socket) -> None:
+    """Run the server on `sock` (see `listen`) until SIGINT/SIGTERM: uvicorn stops accepting, finishes in-flight
+    requests, then returns.
 
     uvicorn re-raises the signal it caught once it has shut down; for SIGTERM (how orchestrators stop a
     server) a handler installed here swallows it, so a clean stop returns normally and exits with status 0.
     """
     import uvicorn
 
-    uv = uvicorn.Config(build_app(session, config), host=host, port=port, log_level="warning", access_log=False,
+    uv = uvicorn.Config(build_app(session, config), log_level="warning", access_log=False,
                         lifespan="on", timeout_graceful_shutdown=30, proxy_headers=False)
     # Everything loaded so far (model, onnx, numpy, torch when imported) lives as long as the server: moving it
     # out of the collector's reach keeps each full collection from walking ~10^5 objects under load.
@@ -187,6 +206,6 @@ def serve(session: EncoderSession, config: ServerConfig, host: str = "127.0.0.1"
     gc.freeze()
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
     try:
-        uvicorn.Server(uv).run()
+        uvicorn.Server(uv).run(sockets=[sock])
     finally:
         signal.signal(signal.SIGTERM, previous)

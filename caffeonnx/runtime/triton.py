@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import onnxruntime as ort
 
 from caffeonnx.converter.onnx_io import load_onnx
 from caffeonnx.errors import CaffeOnnxError, UnsupportedError
-from caffeonnx.fileio import write_bytes_atomic
+from caffeonnx.fileio import atomic_path, write_bytes_atomic
 from caffeonnx.runtime.protocol import check_model_name, triton_config
 from caffeonnx.runtime.session import _spec
 
@@ -66,13 +65,7 @@ def export_triton(model_path: str | os.PathLike[str], repo_dir: str | os.PathLik
     config = triton_config(name, inputs, outputs, max_batch, max_delay_us)
     target = Path(repo_dir) / name
     (target / "1").mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".model.onnx.", suffix=".tmp", dir=target / "1")
-    os.close(fd)
-    try:
+    with atomic_path(target / "1" / "model.onnx") as tmp:
         shutil.copyfile(src, tmp)
-        os.replace(tmp, target / "1" / "model.onnx")
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     write_bytes_atomic(target / "config.pbtxt", config_pbtxt(config).encode())
     return target

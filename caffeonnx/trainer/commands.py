@@ -1,6 +1,9 @@
-"""`caffeonnx train`: thin typer command over caffeonnx.trainer.session.run_training."""
+"""`caffeonnx train` and `caffeonnx time`: thin typer commands over run_training and timing.time_net,
+with Caffe's spellings (`--solver`, `--gpu N`, `--iterations`) and a thread count that suits a loaded machine."""
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -8,14 +11,62 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from caffeonnx.errors import CaffeOnnxError
+
 if TYPE_CHECKING:  # torch loads only when a command trains, not with every CLI call
     from caffeonnx.trainer.loop import Iteration
 
 err = Console(stderr=True)
 
 
+def busy_cpus(seconds: float = 0.1) -> float:
+    """How many CPUs other processes keep busy now: /proc/stat over `seconds`, else the 1-minute load average."""
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as fh:
+            ticks = [int(v) for v in fh.readline().split()[1:]]
+        return sum(ticks), ticks[3] + ticks[4]  # all, idle + iowait
+
+    try:
+        total0, idle0 = sample()
+        time.sleep(seconds)
+        total1, idle1 = sample()
+    except (OSError, ValueError, IndexError):
+        return os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    return (1 - (idle1 - idle0) / max(total1 - total0, 1)) * (os.cpu_count() or 1)
+
+
+def default_threads() -> int:
+    """torch's threads less the CPUs busy elsewhere, at least 1: on a loaded machine extra threads collapse.
+
+    benchmarks/results/train_threads.md: with every core busy, torch's default thread count trains the
+    bundled tied autoencoder several times slower than 1 thread (its threads wait for each other at
+    every barrier), while on an idle machine it is at best somewhat faster.
+    """
+    import torch
+
+    cores = min(torch.get_num_threads(), len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1 << 16)
+    return max(1, min(cores, round((os.cpu_count() or 1) - busy_cpus())))
+
+
+def _device(device: str, gpu: str | None) -> str:
+    """--device, or Caffe's --gpu N (one CUDA device); --gpu all / a list asks for data parallelism, not here."""
+    if gpu is None:
+        return device
+    if device != "auto":
+        raise CaffeOnnxError(f"give --gpu {gpu} or --device {device}, not both")
+    if gpu.isdigit():
+        return f"cuda:{int(gpu)}"
+    if gpu == "all" or all(part.strip().isdigit() for part in gpu.split(",")):
+        raise CaffeOnnxError(f"--gpu {gpu}: data-parallel training over several GPUs is not available yet; "
+                             "train on one with --gpu 0")
+    raise CaffeOnnxError(f"--gpu expects a device number such as 0 (or all), got {gpu!r}")
+
+
 def train(
-    solver: Annotated[Path, typer.Argument(help="Caffe solver definition (solver.prototxt).")],
+    solver: Annotated[Path | None, typer.Argument(
+        help="Caffe solver definition (solver.prototxt); or give it with --solver.")] = None,
+    solver_option: Annotated[Path | None, typer.Option(
+        "--solver", help="The solver, as Caffe's `caffe train --solver` spells it.")] = None,
     weights: Annotated[Path | None, typer.Option(
         "--weights", help="Initial weights: .caffemodel, or an .onnx written by caffeonnx.")] = None,
     snapshot: Annotated[Path | None, typer.Option(
@@ -31,6 +82,11 @@ def train(
         "-o", "--output", help="Write PREFIX.caffemodel and PREFIX.onnx at the end.")] = None,
     log: Annotated[Path | None, typer.Option("--log", help="Append one JSON line per iteration (and test).")] = None,
     device: Annotated[str, typer.Option("--device", help="auto (CUDA when available), cpu or cuda.")] = "auto",
+    gpu: Annotated[str | None, typer.Option(
+        "--gpu", help="Caffe's --gpu: N trains on CUDA device N (all: several GPUs, not available yet).")] = None,
+    threads: Annotated[int | None, typer.Option(
+        "--threads", help="torch intra-op CPU threads (default: one per core, less the cores other processes "
+                          "keep busy).")] = None,
     deterministic: Annotated[bool, typer.Option(
         "--deterministic", help="Use only deterministic torch kernels (bitwise repeatable runs).")] = False,
     wta: Annotated[list[str] | None, typer.Option(
@@ -48,20 +104,39 @@ def train(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Train a Caffe net with Caffe's solver semantics (exact updates, lr policies, snapshots)."""
+    from caffeonnx.trainer.build import load_solver
     from caffeonnx.trainer.session import TrainOptions, run_training
 
-    opts = TrainOptions(solver, weights, snapshot, data, test_data, max_iter, output, log, device, deterministic,
-                        wta or [], stacked or [], stacked_iters, png)
+    if (solver is None) == (solver_option is None):
+        raise CaffeOnnxError("give the solver once: `caffeonnx train SOLVER` or `caffeonnx train --solver SOLVER`"
+                             + ("" if solver is None else f", not both ({str(solver)!r} and {str(solver_option)!r})"))
+    solver_path = solver if solver is not None else solver_option
+    assert solver_path is not None
+    schedule_end = load_solver(solver_path).max_iter
+    opts = TrainOptions(solver_path, weights, snapshot, data, test_data, max_iter, output, log, _device(device, gpu),
+                        deterministic, wta or [], stacked or [], stacked_iters, png,
+                        threads if threads is not None else default_threads())
     columns = [TextColumn("iter"), MofNCompleteColumn(), BarColumn(), TextColumn("{task.fields[status]}"),
                TimeElapsedColumn()]
-    with Progress(*columns, console=err, disable=quiet, transient=False) as bar:
-        task = bar.add_task("train", total=max_iter, status="")
+    bar = Progress(*columns, console=err, disable=quiet, transient=False)
+    task = bar.add_task("train", total=max_iter if max_iter is not None else schedule_end, status="")
+    first = True
 
-        def on_iteration(record: Iteration, samples_per_s: float) -> None:
-            bar.update(task, advance=1, status=f"loss {record.loss:.5g}  lr {record.lr:.3g}  {samples_per_s:,.0f} samples/s")
+    def on_iteration(record: Iteration, samples_per_s: float) -> None:
+        nonlocal first
+        if first:  # the bar appears with the first iteration: a setup error stays one line
+            if max_iter is not None:  # a resumed run counts on from its snapshot's iteration
+                bar.update(task, total=record.iter + max_iter)
+            bar.start()
+            first = False
+        bar.update(task, completed=record.iter + 1,
+                   status=f"loss {record.loss:.5g}  lr {record.lr:.3g}  {samples_per_s:,.0f} samples/s")
 
+    try:
         result = run_training(opts, say=lambda text: bar.console.print(text, markup=False, highlight=False),
                               progress=on_iteration)
+    finally:
+        bar.stop()
     last = result.iterations[-1] if result.iterations else None
     summary = f"trained {len(result.iterations)} iteration(s) in {result.seconds:.1f}s"
     if last is not None:
@@ -74,6 +149,61 @@ def train(
     err.print(summary + (f"; wrote {', '.join(written)}" if written else ""), markup=False, highlight=False)
 
 
+def time_command(
+    model: Annotated[Path, typer.Argument(help="Caffe net definition (.prototxt), as `caffe time -model`.")],
+    iterations: Annotated[int, typer.Option("--iterations", help="Iterations to average over (Caffe's default).")] = 50,
+    device: Annotated[str, typer.Option("--device", help="auto (CUDA when available), cpu or cuda.")] = "cpu",
+    gpu: Annotated[str | None, typer.Option("--gpu", help="Caffe's --gpu N: time on CUDA device N.")] = None,
+    threads: Annotated[int | None, typer.Option(
+        "--threads", help="torch intra-op CPU threads (default: as `caffeonnx train`).")] = None,
+) -> None:
+    """Per-layer forward and backward time of the net's TRAIN phase, like `caffe time`.
+
+    Weights from the fillers; inputs random in [0, 1) of the net's input shapes (Caffe's reads its data layers).
+    """
+    import torch
+
+    from caffeonnx.trainer.session import pick_device
+    from caffeonnx.trainer.timing import time_net
+
+    if threads is not None and threads < 1:
+        raise CaffeOnnxError(f"--threads must be a positive number of CPU threads, got {threads}")
+    target = pick_device(_device(device, gpu))
+    torch.set_num_threads(threads if threads is not None else default_threads())
+    with err.status(f"timing {model.name}"):
+        result = time_net(model, iterations, str(target))
+    shapes = ", ".join(f"{name} {'x'.join(map(str, shape))}" for name, shape in result.input_shapes.items())
+    print(f"{model}: TRAIN phase on {result.device} ({torch.get_num_threads()} CPU threads), {iterations} "
+          f"iterations after one warm-up; random inputs {shapes}")
+    for line in result.lines():
+        print(line)
+
+
+def test_command(
+    model: Annotated[Path, typer.Argument(help="Caffe net definition (.prototxt), as `caffe test -model`.")],
+    weights: Annotated[Path | None, typer.Option(
+        "--weights", help="Trained weights: .caffemodel, or an .onnx written by caffeonnx (fillers without).")] = None,
+    iterations: Annotated[int, typer.Option("--iterations", help="Batches to score (Caffe's default).")] = 50,
+    stage: Annotated[list[str] | None, typer.Option(
+        "--stage", help="NetState stage selecting layers (repeatable), as `caffe test --stage`.")] = None,
+    level: Annotated[int, typer.Option("--level", help="NetState level, as `caffe test --level`.")] = 0,
+    data: Annotated[str | None, typer.Option(
+        "--data", help="Samples instead of the net's TEST data layers: .npz (one array per blob), .npy or IDX.")] = None,
+    device: Annotated[str, typer.Option("--device", help="auto (CUDA when available), cpu or cuda.")] = "cpu",
+    gpu: Annotated[str | None, typer.Option("--gpu", help="Caffe's --gpu N: score on CUDA device N.")] = None,
+) -> None:
+    """Score a trained net on its TEST-phase data, like `caffe test -model NET -weights W -iterations N`.
+
+    Prints each batch's outputs, then the mean of every output and the mean loss.
+    """
+    from caffeonnx.trainer.evaluate import run_test
+
+    run_test(model, weights, iterations, tuple(stage or ()), level, data, _device(device, gpu),
+             say=lambda text: print(text))
+
+
 def register(app: typer.Typer) -> None:
     """Add the trainer's commands to the `caffeonnx` CLI."""
     app.command("train")(train)
+    app.command("time")(time_command)
+    app.command("test")(test_command)

@@ -1,15 +1,19 @@
-"""PNG pictures of a training run, written beside its snapshots (no imaging library needed).
+"""PNG pictures of a training run, written beside its snapshots.
 
 - PREFIX_iter_N_filters.png: the first learnable layer's filters as image tiles (each
-  InnerProduct row or Convolution kernel, min-max scaled on its own);
+  InnerProduct row or Convolution kernel, min-max scaled on its own, enlarged so that a
+  tile is at least MIN_TILE pixels wide);
 - PREFIX_iter_N_recon.png: inputs (top row) above their reconstructions (bottom row),
-  when the net's loss compares a prediction with an image-shaped input (logits of a
-  SigmoidCrossEntropyLoss are shown through the sigmoid);
-- PREFIX_iter_N_loss.png: the loss (grey) and smoothed loss (black) per iteration.
+  when the net's loss compares a prediction with an image-shaped input, or with a blob
+  computed from one (Caffe's autoencoders compare against `Flatten(data)`); logits of a
+  SigmoidCrossEntropyLoss are shown through the sigmoid;
+- PREFIX_iter_N_loss.png: the loss and smoothed loss per iteration, a matplotlib chart
+  with axes, ticks, labels and a title.
 Pictures that do not apply to a net (its input is not image-shaped) are skipped.
 """
 from __future__ import annotations
 
+import io
 import math
 import struct
 import zlib
@@ -18,7 +22,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
+from caffeonnx.errors import CaffeOnnxError
 from caffeonnx.fileio import write_bytes_atomic
 from caffeonnx.trainer.graph_module import GraphModule
 from caffeonnx.trainer.loop import Iteration
@@ -62,6 +69,15 @@ def _to_picture(values: np.ndarray, shape: tuple[int, ...], per_tile: bool = Tru
     return (np.clip(v, 0, 1) * 255).round().astype(np.uint8)
 
 
+MIN_TILE = 32  # pixels: a 5x5 kernel or a 28x28 digit drawn 1:1 is too small to read
+
+
+def enlarge(picture: np.ndarray, minimum: int = MIN_TILE) -> np.ndarray:
+    """Nearest-neighbour upscaling by the smallest whole factor that makes both sides >= `minimum`."""
+    factor = max(1, math.ceil(minimum / min(picture.shape[:2])))
+    return picture.repeat(factor, axis=0).repeat(factor, axis=1)
+
+
 def tile(pictures: list[np.ndarray], columns: int | None = None) -> np.ndarray:
     """Pictures of one shape in a grid with 1-pixel grey borders."""
     h, w = pictures[0].shape[:2]
@@ -75,88 +91,105 @@ def tile(pictures: list[np.ndarray], columns: int | None = None) -> np.ndarray:
     return grid
 
 
+def picture_shape(module: GraphModule, blob: str, size: int) -> tuple[int, ...] | None:
+    """How a sample of `size` values of `blob` looks as a picture: its own dims, else those of a net input
+    with as many values per sample (Flatten(data) keeps data's layout), else a flat square."""
+    candidates = [module.input_dims.get(blob)] + list(module.input_dims.values())
+    for dims in candidates:
+        if dims and math.prod(dims[1:]) == size:
+            shape = image_shape(dims[1:])
+            if shape is not None:
+                return shape
+    return image_shape((size,))
+
+
 def first_layer_filters(module: GraphModule, limit: int = 256) -> np.ndarray | None:
-    """The first learnable layer's weights as tiles, if its input is image-shaped."""
-    for rec in module.records:
-        layer = module.layers.get(rec.name)
+    """The first learnable layer's weights as enlarged tiles, if its input is image-shaped."""
+    for rec, layer in zip(module.records, module.caffe_layers):
         if layer is None or layer.type not in ("InnerProduct", "Convolution") or not rec.params:
             continue
         w = module.parameter(rec.params[0]).detach().cpu().numpy()
         if layer.type == "Convolution":
-            shape = image_shape((w.shape[1], *w.shape[2:])) if w.shape[1] in (1, 3) else None
-            if shape is None or w.ndim != 4:
+            shape = image_shape((w.shape[1], *w.shape[2:])) if w.shape[1] in (1, 3) and w.ndim == 4 else None
+            if shape is None:
                 return None
             pics = [_to_picture(k.reshape(-1), shape) for k in w[:limit]]
         else:
-            bottom = rec.bottoms[0]
-            dims = module.input_dims.get(bottom)
             rows = w.T if layer.inner_product_param.transpose else w
-            shape = image_shape(dims[1:]) if dims else image_shape((rows.shape[1],))
-            if shape is None or math.prod(shape) != rows.shape[1]:
+            shape = picture_shape(module, rec.bottoms[0], rows.shape[1])
+            if shape is None:
                 return None
             pics = [_to_picture(row, shape) for row in rows[:limit]]
-        return tile(pics)
+        return tile([enlarge(pic) for pic in pics])
     return None
 
 
 def reconstructions(module: GraphModule, batch: dict[str, np.ndarray], count: int = 10) -> np.ndarray | None:
-    """Inputs over reconstructions for the first loss that compares a prediction with an image-shaped input."""
+    """Inputs over reconstructions for the first loss that compares a prediction with an image-shaped input
+    (fed, or computed from the inputs, as Caffe's Flatten(data))."""
     for term in module.loss_terms:
-        rec = next(r for r in module.records if r.name == term.layer)
-        layer = module.layers[term.layer]
-        if len(rec.bottoms) < 2 or rec.bottoms[1] not in batch:
+        k = next(k for k, r in enumerate(module.records) if r.index == term.position)
+        rec, layer = module.records[k], module.caffe_layers[k]
+        if len(rec.bottoms) < 2:
             continue
-        target = batch[rec.bottoms[1]]
-        shape = image_shape(target.shape[1:])
-        if shape is None:
-            continue
+        prediction, target = rec.bottoms[0], rec.bottoms[1]
         was_training = module.training
-        with torch.no_grad():
-            pred = module.eval()(batch, [rec.bottoms[0]])[rec.bottoms[0]]
-        module.train(was_training)
+        try:
+            with torch.no_grad():
+                values = module.eval()(batch, [prediction, target])
+        except CaffeOnnxError:  # the target needs inputs the batch does not hold: no picture
+            continue
+        finally:
+            module.train(was_training)
+        pred, want = values[prediction], values[target].float().cpu().numpy()
+        n_all = want.shape[0]
+        size = want.size // max(n_all, 1)
+        shape = picture_shape(module, target, size)
+        if shape is None or pred.numel() != want.size:
+            continue
         if layer.type == "SigmoidCrossEntropyLoss":
             pred = torch.sigmoid(pred)
-        n = min(count, target.shape[0])
-        pred_np = pred.cpu().numpy().reshape(target.shape[0], -1)
-        tops = [_to_picture(target[i].reshape(-1), shape, per_tile=False) for i in range(n)]
-        bottoms = [_to_picture(pred_np[i], shape, per_tile=False) for i in range(n)]
+        n = min(count, n_all)
+        pred_np = pred.float().cpu().numpy().reshape(n_all, -1)
+        tops = [enlarge(_to_picture(want[i].reshape(-1), shape, per_tile=False)) for i in range(n)]
+        bottoms = [enlarge(_to_picture(pred_np[i], shape, per_tile=False)) for i in range(n)]
         return tile(tops + bottoms, columns=n)
     return None
 
 
-def loss_curve(iterations: Sequence[Iteration], width: int = 480, height: int = 300) -> np.ndarray | None:
-    """Loss (grey) and smoothed loss (black) against the iteration, on a white canvas with axes."""
+def loss_chart(iterations: Sequence[Iteration], title: str = "training loss") -> bytes | None:
+    """The loss and smoothed loss against the iteration as a PNG chart (matplotlib, Agg: no display needed)."""
     if len(iterations) < 2:
         return None
-    canvas = np.full((height, width), 255, dtype=np.uint8)
-    left, bottom, pad = 8, height - 8, 8
-    canvas[pad:bottom + 1, left] = 0
-    canvas[bottom, left:width - pad] = 0
-    x = np.array([r.iter for r in iterations], dtype=np.float64)
-    series = [(np.array([r.loss for r in iterations]), 170), (np.array([r.smoothed_loss for r in iterations]), 0)]
-    finite = np.concatenate([s[np.isfinite(s)] for s, _ in series])
-    lo, hi = float(finite.min()), float(finite.max())
-    span = hi - lo if hi > lo else 1.0
-    px = left + 1 + (x - x[0]) / max(x[-1] - x[0], 1) * (width - pad - left - 2)
-    for values, shade in series:
-        py = bottom - 1 - (values - lo) / span * (bottom - pad - 2)
-        for a in range(len(px) - 1):  # straight segments, one point per pixel of their length
-            steps = int(max(abs(px[a + 1] - px[a]), abs(py[a + 1] - py[a]), 1)) + 1
-            xs = np.linspace(px[a], px[a + 1], steps).round().astype(int)
-            ys = np.linspace(py[a], py[a + 1], steps).round().astype(int)
-            ok = (ys >= 0) & (ys < height) & (xs >= 0) & (xs < width)
-            canvas[ys[ok], xs[ok]] = shade
-    return canvas
+    fig = Figure(figsize=(6.4, 4.0), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    x = [r.iter for r in iterations]
+    ax.plot(x, [r.loss for r in iterations], color="0.65", linewidth=0.8, label="loss")
+    ax.plot(x, [r.smoothed_loss for r in iterations], color="black", linewidth=1.5,
+            label="smoothed loss (Caffe's average_loss)")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.grid(True, color="0.9")
+    ax.legend()
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    return buffer.getvalue()
 
 
 def write_pictures(prefix: str, module: GraphModule, batch: dict[str, np.ndarray],
                    iterations: Sequence[Iteration]) -> list[Path]:
     """Write the pictures that apply to this net as PREFIX_*.png; returns the files written."""
+    filters, pairs = first_layer_filters(module), reconstructions(module, batch)
+    pictures = {"filters": png_bytes(filters) if filters is not None else None,
+                "recon": png_bytes(pairs) if pairs is not None else None,
+                "loss": loss_chart(iterations, f"training loss: {Path(prefix).name}")}
     written = []
-    for name, image in (("filters", first_layer_filters(module)), ("recon", reconstructions(module, batch)),
-                        ("loss", loss_curve(iterations))):
-        if image is not None:
+    for name, data in pictures.items():
+        if data is not None:
             path = Path(f"{prefix}_{name}.png")
-            write_bytes_atomic(path, png_bytes(image))
+            write_bytes_atomic(path, data)
             written.append(path)
     return written
