@@ -1,13 +1,17 @@
 """`caffeonnx bench`: ONNX Runtime vs torch eager on one encoder, and the server under load.
 
-Engines: the same encoder (same weights) run by EncoderSession and by TorchEncoder
-with the same number of threads; batch-1 latency p50/p99 over many single calls
-(numpy in, numpy out, as a caller sees it) and large-batch throughput from the
-median time of one large batch.  Rounds alternate the two engines so that noise
-from other processes falls on both alike.
+Engines: the same encoder (same weights) run by EncoderSession and, in torch eager
+mode, by the trainer's GraphModule (which interprets any ONNX graph the trainer's
+kernels cover: fully connected, convolutional, pooling...), with the same number of
+threads; batch-1 latency p50/p99 over many single calls (numpy in, numpy out, as a
+caller sees it) and large-batch throughput from the median time of one large batch.
+Rounds alternate the two engines so that noise from other processes falls on both alike.
 
 Server: `caffeonnx serve` in its own process, batching on and off, under
 closed-loop load (loadgen.py) at each concurrency: requests/s and latency p50/p99.
+
+The report holds measurements and their ratios only; what counts as good enough is
+for the reader (benchmarks/README.md records results against the project's targets).
 """
 from __future__ import annotations
 
@@ -31,9 +35,8 @@ from caffeonnx.runtime.child import serve_in_child
 from caffeonnx.runtime.encoder import extract_encoder, save_model
 from caffeonnx.runtime.loadgen import LoadResult, infer_request_bytes, run_load
 from caffeonnx.runtime.session import EncoderSession, SessionConfig
-from caffeonnx.runtime.torch_encoder import TorchEncoder
+from caffeonnx.trainer.graph_module import GraphModule
 
-TARGETS = {"throughput_ratio_min": 1.0, "latency_ratio_max": 0.5, "batching_speedup_min": 3.0}
 DEEP_AE_SIZES = (784, 1000, 500, 250, 30)  # the MNIST deep autoencoder of Hinton & Salakhutdinov (2006)
 SMALL_AND_LARGE = ((784, 128, 64, 32, 8), DEEP_AE_SIZES)  # deep_tied_ae's shape, then the large one
 SERVER_ROUNDS = 3  # alternating measurement windows per server point
@@ -91,23 +94,42 @@ def timed_calls(call: Callable[[], object], count: int) -> np.ndarray:
     return times
 
 
+class TorchEngine:
+    """The encoder in torch eager mode: the trainer's GraphModule, in inference mode, numpy in and out."""
+
+    def __init__(self, model: ModelProto, input_name: str, output_name: str) -> None:
+        self.net = GraphModule(model).eval()
+        self.input, self.output = input_name, output_name
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return self.net({self.input: torch.from_numpy(x)}, (self.output,))[self.output].numpy()
+
+
+def sample_batch(g: np.random.Generator, session: EncoderSession, batch: int) -> np.ndarray:
+    """Random inputs of the encoder's per-sample shape and type: floats in [0, 1), zeros for integer inputs."""
+    spec = session.input
+    if not spec.static:
+        raise CaffeOnnxError(f"input {spec.name!r} has symbolic per-sample dims {list(spec.sample_shape)}; the "
+                             "benchmark needs them fixed (convert with --input-shape)")
+    shape = (batch, *(int(d) for d in spec.sample_shape))
+    if np.issubdtype(spec.dtype, np.floating):
+        return g.random(shape, dtype=np.float32).astype(spec.dtype)
+    return np.zeros(shape, dtype=spec.dtype)
+
+
 def _measure_engines(model: ModelProto, threads: int, large_batch: int, calls: int, large_calls: int, rounds: int,
                      seed: int) -> tuple[dict[str, list[np.ndarray]], dict[str, list[np.ndarray]]]:
     """Per-call seconds of each engine: batch-1 calls and large-batch calls, alternating in rounds."""
     session = EncoderSession(model, SessionConfig(device="cpu", intra_threads=threads, warmup=(1, large_batch)))
-    net = TorchEncoder(model).eval()
+    torch_run = TorchEngine(model, session.input.name, session.output.name)
     g = np.random.default_rng(seed)
-    one = g.random((1, *session.input.sample_shape), dtype=np.float32)
-    big = g.random((large_batch, *session.input.sample_shape), dtype=np.float32)
-
-    def torch_run(x: np.ndarray) -> np.ndarray:
-        with torch.inference_mode():
-            return net(torch.from_numpy(x)).numpy()
-
+    one, big = sample_batch(g, session, 1), sample_batch(g, session, large_batch)
     want = session.run(big[:64])
     got = torch_run(big[:64])
     if not np.allclose(got, want, atol=1e-4, rtol=1e-3):
-        raise RuntimeError(f"torch and onnxruntime disagree: max |diff| {np.abs(got - want).max():.3g}")
+        raise CaffeOnnxError(f"torch (GraphModule) and onnxruntime disagree on this encoder: max |code difference| "
+                             f"{np.abs(got - want).max():.3g}; timings of different results would mean nothing")
     engines = {"onnxruntime": session.run, "torch eager": torch_run}
     small: dict[str, list[np.ndarray]] = {k: [] for k in engines}
     large: dict[str, list[np.ndarray]] = {k: [] for k in engines}
@@ -123,7 +145,7 @@ def _measure_engines(model: ModelProto, threads: int, large_batch: int, calls: i
 
 def bench_engines(model: ModelProto, threads: int = 1, large_batch: int = 4096, calls: int = 2000,
                   large_calls: int = 20, rounds: int = 20, seed: int = 0) -> list[EngineResult]:
-    """EncoderSession (onnxruntime CPU) and TorchEncoder (torch eager) on the same inputs and threads.
+    """EncoderSession (onnxruntime CPU) and GraphModule (torch eager) on the same inputs and threads.
 
     Many short alternating rounds: a change in the machine's load (which slows torch more than ORT)
     then falls inside rounds that both engines share, and one disturbed round moves the median little.
@@ -167,7 +189,7 @@ def bench_server(model_path: Path, concurrencies: Sequence[int] = (1, 8, 32), se
     if rounds < 1:
         raise CaffeOnnxError(f"rounds must be positive, got {rounds}")
     session = EncoderSession(model_path, SessionConfig(device="cpu", warmup=()))
-    x = np.random.default_rng(seed).random((1, *session.input.sample_shape), dtype=np.float32)
+    x = sample_batch(np.random.default_rng(seed), session, 1)
     common = ["--threads", str(threads), "--max-batch", str(max_batch), "--max-delay-ms", str(max_delay_ms)]
     with serve_in_child(model_path, "enc", *common, "--batching", device=device) as srv_on, \
             serve_in_child(model_path, "enc", *common, "--no-batching", device=device) as srv_off:
@@ -205,16 +227,14 @@ def machine() -> dict[str, object]:
 
 
 def _engine_summary(label: str, engines: list[EngineResult]) -> dict:
-    """One model's engine numbers, ratios and whether the targets are met."""
+    """One model's engine numbers and the ratios of ORT to torch."""
     by = {e.engine: e for e in engines}
     throughput = by["onnxruntime"].throughput / by["torch eager"].throughput
     per_round = np.array(by["onnxruntime"].round_p50_us) / np.array(by["torch eager"].round_p50_us)
     latency = float(np.median(per_round))
     return {"model": label, "engines": [asdict(e) for e in engines],
             "throughput_ratio": throughput, "latency_ratio": latency,
-            "latency_ratio_quartiles": [float(np.percentile(per_round, 25)), float(np.percentile(per_round, 75))],
-            "passed": {"throughput_ratio": throughput >= TARGETS["throughput_ratio_min"],
-                       "latency_ratio": latency <= TARGETS["latency_ratio_max"]}}
+            "latency_ratio_quartiles": [float(np.percentile(per_round, 25)), float(np.percentile(per_round, 75))]}
 
 
 def default_threads() -> tuple[int, ...]:
@@ -226,7 +246,7 @@ def run_bench(model_path: Path | None = None, threads: Sequence[int] = (1,), lar
               concurrencies: Sequence[int] = (1, 8, 32), seconds: float = 3.0, server: bool = True,
               max_batch: int = 64, max_delay_ms: float = 1.0, seed: int = 0, device: str = "cpu",
               server_threads: int = 1) -> dict:
-    """The whole benchmark in one run, with the ratios the issue's targets are about.
+    """The whole benchmark in one run: engine timings, server load points and their ratios.
 
     Without `model_path` the engines run two encoders with seeded weights, the deep_tied_ae shape
     (784-128-64-32-8: per-call overhead dominates) and the MNIST deep autoencoder (784-1000-500-250-30:
@@ -257,7 +277,7 @@ def run_bench(model_path: Path | None = None, threads: Sequence[int] = (1,), lar
     result: dict = {
         "models": summaries, "threads": list(threads), "server_threads": server_threads,
         "large_batch": large_batch, "machine": machine(),
-        "targets": TARGETS, "when": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "server": None, "cuda": gpu,
+        "when": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "server": None, "cuda": gpu,
     }
     if served:
         top = max(concurrencies)
@@ -266,19 +286,18 @@ def run_bench(model_path: Path | None = None, threads: Sequence[int] = (1,), lar
         speedup = on.requests_per_s / off.requests_per_s
         result["server"] = {"model": label, "device": device, "seconds": seconds, "max_batch": max_batch, "max_delay_ms": max_delay_ms,
                             "points": [asdict(r) for r in served], "top_concurrency": top,
-                            "batching_speedup": speedup,
-                            "passed": speedup >= TARGETS["batching_speedup_min"]}
+                            "batching_speedup": speedup}
     return result
 
 
 def render_markdown(result: dict) -> str:
     """The benchmark result as a Markdown report."""
-    m, t = result["machine"], result["targets"]
+    m = result["machine"]
     setup = (f"CPU: {m['cpu']} ({m['cpus_visible']} visible, shared; 1-min load average {m['load_average_1m']:.2f} "
              f"at the end); onnxruntime {m['onnxruntime']}, torch {m['torch']}, Python {m['python']}; "
              f"engines compared at the same thread count ({', '.join(map(str, result['threads']))}); the server "
-             f"runs {result['server_threads']} thread(s). Encoders: tied deep autoencoders, "
-             "sigmoid hidden layers, linear code, seeded filler weights.")
+             f"runs {result['server_threads']} thread(s). torch eager is the trainer's GraphModule running the "
+             "same ONNX graph.")
     lines = [f"# Runtime benchmark ({result['when']})", "", setup, "",
              f"## Engines (batch-1 latency, batch-{result['large_batch']} throughput)", "",
              "| encoder | threads | engine | p50 µs | p99 µs | samples/s |", "|---|---:|---|---:|---:|---:|"]
@@ -296,20 +315,16 @@ def render_markdown(result: dict) -> str:
         for p in srv["points"]:
             lines.append(f"| {'on' if p['batching'] else 'off'} | {p['concurrency']} | {p['requests_per_s']:,.0f} | "
                          f"{p['p50_ms']:.2f} | {p['p99_ms']:.2f} | {p['errors']} |")
-    lines += ["", "## Ratios vs targets", "", "| ratio | value | target | met |", "|---|---:|---|---|"]
+    lines += ["", "## Ratios", "", "| ratio | value |", "|---|---:|"]
     for s in result["models"]:
         lines.append(f"| {s['model']}, {s['threads']} thread(s): ORT / torch large-batch throughput | "
-                     f"{s['throughput_ratio']:.2f} | "
-                     f">= {t['throughput_ratio_min']} | {'yes' if s['passed']['throughput_ratio'] else 'NO'} |")
+                     f"{s['throughput_ratio']:.2f} |")
         q1, q3 = s["latency_ratio_quartiles"]
         lines.append(f"| {s['model']}, {s['threads']} thread(s): ORT / torch batch-1 p50 latency (median of "
-                     f"rounds; IQR {q1:.2f}-{q3:.2f}) | "
-                     f"{s['latency_ratio']:.2f} | "
-                     f"<= {t['latency_ratio_max']} | {'yes' if s['passed']['latency_ratio'] else 'NO'} |")
+                     f"rounds; IQR {q1:.2f}-{q3:.2f}) | {s['latency_ratio']:.2f} |")
     if srv:
         lines.append(f"| server req/s, batching on / off, concurrency {srv['top_concurrency']} | "
-                     f"{srv['batching_speedup']:.2f} | >= {t['batching_speedup_min']} | "
-                     f"{'yes' if srv['passed'] else 'NO'} |")
+                     f"{srv['batching_speedup']:.2f} |")
     if result.get("cuda"):
         from caffeonnx.runtime.bench_cuda import render_cuda_markdown
 

@@ -37,8 +37,9 @@ def _session_config(device: str, threads: int = 0, **kw: object):
 def encoder(
     model: ModelArg,
     output: Annotated[Path, typer.Option("-o", "--output", help="Encoder .onnx to write (atomically).")],
-    code: Annotated[str | None, typer.Option("--code", help="Cut at this blob (default: the narrowest on the "
-                                                "input->reconstruction path).")] = None,
+    code: Annotated[str | None, typer.Option("--code", help="Cut at this blob, or at the top of this layer "
+                                                "(default: the narrowest blob on the input->reconstruction path; "
+                                                "a tie is refused with the candidates).")] = None,
 ) -> None:
     """Cut an autoencoder at its code blob: keep the encoder, drop decoder and loss."""
     import onnx
@@ -58,14 +59,17 @@ def encoder(
 
 def encode(
     model: Annotated[Path, typer.Argument(help="Encoder .onnx (see 'caffeonnx encoder').")],
-    inputs: Annotated[Path, typer.Argument(help="Samples: .npy, .npz or IDX (MNIST), gzip allowed.")],
+    inputs: Annotated[Path, typer.Argument(help="Samples: .npy, .npz or IDX (MNIST), gzip allowed; a Caffe LMDB; "
+                                           "an HDF5 file or list of them; an ImageData list of 'path label' lines.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Codes .npy to write (atomically).")],
     batch_size: Annotated[int, typer.Option("--batch-size", help="Samples per run.")] = 1024,
     device: DeviceOption = "auto",
     threads: ThreadsOption = 0,
-    key: Annotated[str | None, typer.Option("--key", help="Array to read from an .npz holding several.")] = None,
+    key: Annotated[str | None, typer.Option("--key", help="Array of an .npz, or dataset of an HDF5 file, to read "
+                                            "(default: the only one, or the one named like the input blob).")] = None,
     scale: Annotated[float | None, typer.Option(
-        "--scale", help="Multiply samples by this after casting to float (default: 1/255 for uint8, else 1).")] = None,
+        "--scale", help="Replace the recorded transform_param scale (default: the model's data layer's; with none "
+                        "on record 1/255 for uint8, else 1).")] = None,
     fp16: FP16Option = False,
     tf32: TF32Option = False,
     cuda_graph: Annotated[bool, typer.Option("--cuda-graph", help="CUDA: capture a --batch-size run as a CUDA "
@@ -83,6 +87,7 @@ def encode(
         task = bar.add_task("encode", total=None)
         result = encode_file(session, inputs, output, batch_size, key, scale,
                              progress=lambda done, total: bar.update(task, completed=done, total=total))
+    out.print(f"read {result.samples} samples from the {result.kind}; transform: {result.transform}", highlight=False)
     out.print(f"wrote {result.output}: {result.samples} codes of shape {list(result.code_shape)} "
               f"(inputs scaled by {result.scale:.6g})", highlight=False)
 
@@ -118,7 +123,7 @@ def serve(
 ) -> None:
     """Serve an encoder over the Open Inference Protocol v2 (KServe / Triton REST), with dynamic batching."""
     from caffeonnx.runtime.protocol import check_model_name
-    from caffeonnx.runtime.server import ServerConfig
+    from caffeonnx.runtime.server import ServerConfig, listen
     from caffeonnx.runtime.server import serve as run_server
     from caffeonnx.runtime.session import EncoderSession
 
@@ -126,12 +131,15 @@ def serve(
     if max_batch < 1 or max_delay_ms < 0 or max_body_mb <= 0 or not 0 <= port < 65536:
         raise CaffeOnnxError(f"need --max-batch >= 1, --max-delay-ms >= 0, --max-body-mb > 0 and a port in "
                              f"0..65535; got {max_batch}, {max_delay_ms}, {max_body_mb}, {port}")
-    session = EncoderSession(model, _session_config(device, threads, warmup=sorted({1, max_batch}), fp16=fp16,
-                                                    tf32=tf32))
-    config = ServerConfig(name, max_batch, max_delay_ms, batching, int(max_body_mb * (1 << 20)))
-    how = f"batching up to {max_batch} rows within {max_delay_ms:g} ms" if batching else "no batching"
-    err.print(f"serving model {name!r} on http://{host}:{port}/v2 ({session.describe()}; {how})", highlight=False)
-    run_server(session, config, host, port)
+    with listen(host, port) as sock:  # a busy port fails here, before the model loads or anything says it serves
+        session = EncoderSession(model, _session_config(device, threads, warmup=sorted({1, max_batch}), fp16=fp16,
+                                                        tf32=tf32))
+        config = ServerConfig(name, max_batch, max_delay_ms, batching, int(max_body_mb * (1 << 20)))
+        how = f"batching up to {max_batch} rows within {max_delay_ms:g} ms" if batching else "no batching"
+        port = sock.getsockname()[1]  # --port 0: the port the system chose
+        err.print(f"serving model {name!r} on http://{host}:{port}/v2 ({session.describe()}; {how})",
+                  highlight=False)
+        run_server(session, config, sock)
     err.print("server stopped", highlight=False)
 
 
