@@ -32,6 +32,17 @@ class LearningRate:
         if self.policy == "poly" and param.max_iter <= 0:
             raise SolverError(f"{where} needs max_iter > 0 (the rate reaches 0 there), got {param.max_iter!r}")
 
+    def past_end(self, stop: int) -> str:
+        """Why training to iteration `stop` does not fit the poly schedule."""
+        return (f"lr_policy 'poly' reaches 0 at max_iter {self.param.max_iter}; training to iteration {stop} "
+                "would go past it (Caffe computes a NaN or growing rate there): raise max_iter in the solver or "
+                "lower --max-iter")
+
+    def check_until(self, stop: int) -> None:
+        """Refuse, before training, a run to iteration `stop` that the schedule cannot give a rate for."""
+        if self.policy == "poly" and stop - 1 > self.param.max_iter:
+            raise SolverError(self.past_end(stop))
+
     def rate(self, iteration: int) -> float:
         """The learning rate for update number `iteration` (0-based), as Caffe computes it."""
         p = self.param
@@ -50,5 +61,7 @@ class LearningRate:
                 self.current_step += 1
             return base * p.gamma ** self.current_step
         if self.policy == "poly":
+            if iteration > p.max_iter:
+                raise SolverError(self.past_end(iteration + 1))
             return base * (1.0 - iteration / p.max_iter) ** p.power
         return base / (1.0 + math.exp(-p.gamma * (iteration - p.stepsize)))  # sigmoid

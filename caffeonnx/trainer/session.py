@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,10 +26,12 @@ from caffeonnx.converter.upgrade import upgrade_net
 from caffeonnx.errors import CaffeOnnxError, DataError, SolverError
 from caffeonnx.proto import caffe_pb2
 from caffeonnx.trainer.build import TrainNet, build_module, load_solver, read_weights, resolve_path, train_net
-from caffeonnx.trainer.data import BatchSource, LmdbSource, input_shapes, load_source, transforms_of
+from caffeonnx.trainer.data import DataSource, input_shapes, load_source, net_source, transforms_of
 from caffeonnx.trainer.graph_module import GraphModule
-from caffeonnx.trainer.loop import Iteration, Trainer
-from caffeonnx.trainer.snapshot import SnapshotFiles, export_onnx, resume, write_snapshot
+from caffeonnx.trainer.loop import Iteration, StopSignals, Trainer
+from caffeonnx.trainer.snapshot import (SnapshotFiles, check_log, check_snapshot_prefix, clean_stale_temps, export_onnx,
+                                        resume, snapshot_files, write_snapshot)
+from caffeonnx.trainer.solvers import check_solver
 from caffeonnx.trainer.stacked import parse_pairs, train_stacked
 from caffeonnx.trainer.visualize import write_pictures
 from caffeonnx.trainer.wta import apply_wta, parse_wta, take_wta_layers
@@ -54,6 +57,7 @@ class TrainOptions:
     stacked: list[str] = field(default_factory=list)  # ENCODER:DECODER pairs, bottom-up: greedy phases first
     stacked_iters: int | None = None  # iterations per greedy phase (default: the solver's max_iter)
     pictures: bool = True  # PNGs (filters, reconstructions, loss curve) beside snapshots and outputs
+    threads: int | None = None  # torch intra-op CPU threads while training (None: leave torch's setting)
 
 
 @dataclass
@@ -69,9 +73,18 @@ class TrainResult:
 
 
 def pick_device(name: str) -> torch.device:
-    """auto: CUDA when available, else CPU; cuda without a GPU is an error."""
+    """auto: CUDA when available, else CPU; cuda (or cuda:N, Caffe's --gpu N) without that GPU is an error."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    index = name.removeprefix("cuda:")
+    if index != name and index.isdigit():
+        if not torch.cuda.is_available():
+            raise CaffeOnnxError(f"--gpu {index}: CUDA is not available to torch {torch.__version__}; train on the "
+                                 "CPU (leave out --gpu)")
+        if int(index) >= torch.cuda.device_count():
+            raise CaffeOnnxError(f"--gpu {index}: torch sees {torch.cuda.device_count()} CUDA device(s), "
+                                 f"numbered from 0")
+        return torch.device(name)
     if name == "cuda" and not torch.cuda.is_available():
         raise CaffeOnnxError(f"--device cuda: CUDA is not available to torch {torch.__version__}; use --device cpu")
     if name not in ("cpu", "cuda"):
@@ -80,21 +93,23 @@ def pick_device(name: str) -> torch.device:
 
 
 def _data_source(spec: str | None, module: GraphModule, tn: TrainNet, what: str, say: Say,
-                 seed: int = 0) -> BatchSource | LmdbSource:
+                 seed: int = 0) -> DataSource:
     """Batches for the inputs the loss (or the outputs) read: --data, else the net's Data layer LMDB."""
     outputs = module.loss_outputs() or module.output_names
     needed = module.required_inputs(outputs)
-    layers = list(module.layers.values())
+    layers = [layer for layer in module.caffe_layers if layer is not None]
     shapes = input_shapes({n: module.input_dims[n] for n in needed}, layers)
     if spec is None:
         feeding = [layer for layer in layers if set(layer.top) & set(needed)]
-        if len(feeding) == 1 and feeding[0].type == "Data" and set(needed) <= set(feeding[0].top):
-            say(f"reading {what} batches from the Data layer's LMDB {feeding[0].data_param.source!r}")
-            return LmdbSource(feeding[0], shapes, what == "train", seed)
-        kinds = sorted({layer.type for layer in feeding})
-        raise DataError(f"{tn.source}: the {what} net reads {needed} from {', '.join(kinds)} layer(s); give the "
-                        f"samples with {'--data' if what == 'train' else '--test-data'} FILE.npz (one array per blob) "
-                        "or an MNIST IDX file")
+        user_fed = sorted({layer.type for layer in feeding if layer.type in ("Input", "MemoryData")})
+        if user_fed or not feeding:
+            raise DataError(f"{tn.source}: the {what} net reads {needed} from {', '.join(user_fed) or 'no'} data "
+                            f"layer(s); give the samples with {'--data' if what == 'train' else '--test-data'} "
+                            "FILE.npz (one array per blob) or an MNIST IDX file")
+        source = net_source(layers, needed, shapes, what == "train", seed)
+        say(f"reading {what} batches from " + ", ".join(f"{layer.type} layer {layer.name!r} ({_source_of(layer)!r})"
+                                                         for layer in feeding))
+        return source
     source = load_source(spec, shapes, transforms_of(layers))
     for name, arr in source.arrays.items():
         if arr.dtype == np.uint8 and name not in source.transforms and name == needed[0]:
@@ -103,10 +118,23 @@ def _data_source(spec: str | None, module: GraphModule, tn: TrainNet, what: str,
     return source
 
 
-def _export_model(tn: TrainNet, module: GraphModule, say: Say) -> ConvertedModel:
-    """The graph written as .onnx: the TEST-phase net (what one deploys), else the training graph."""
+def _source_of(layer: caffe_pb2.LayerParameter) -> str:
+    """What a data layer reads, for the log."""
+    sources = {"Data": layer.data_param.source, "HDF5Data": layer.hdf5_data_param.source,
+               "ImageData": layer.image_data_param.source, "WindowData": layer.window_data_param.source}
+    return sources.get(layer.type) or "fillers"
+
+
+def _export_model(tn: TrainNet, module: GraphModule, param: caffe_pb2.SolverParameter, say: Say) -> ConvertedModel:
+    """The graph written as .onnx: the TEST-phase net (what one deploys; with the first test net's test_state,
+    so a net whose data layers are chosen by stage still has its inputs), else the training graph."""
+    state = caffe_pb2.NetState(phase=caffe_pb2.TEST)
+    state.MergeFrom(tn.net.state)
+    if param.test_state:
+        state.MergeFrom(param.test_state[0])
+    opts = ConvertOptions(phase=caffe_pb2.TEST, stages=tuple(state.stage), level=state.level, init_missing=True)
     try:
-        return convert_net(tn.net, None, ConvertOptions(phase=caffe_pb2.TEST, init_missing=True), tn.source)
+        return convert_net(tn.net, None, opts, tn.source)
     except CaffeOnnxError as exc:
         say(f"note: the TEST-phase net does not convert ({exc}); .onnx files hold the training graph")
         return module.to_converted()
@@ -114,31 +142,54 @@ def _export_model(tn: TrainNet, module: GraphModule, say: Say) -> ConvertedModel
 
 @dataclass
 class _TestNet:
+    """One of Caffe's test nets; its data layers' cursor carries on from one test to the next, as in Caffe."""
+
     module: GraphModule
-    data: BatchSource | LmdbSource
+    data: DataSource
     iters: int
+    cursor: int = 0  # the next batch its data layers read
+
+
+def count_tests_before(param: caffe_pb2.SolverParameter, iteration: int) -> int:
+    """How many tests Caffe's Solve runs before iteration `iteration` (every test_interval, at 0 if test_initialization).
+
+    A resumed run starts its test nets' cursors there, so it reads what an uninterrupted run would.
+    """
+    if not param.test_iter or param.test_interval <= 0 or iteration <= 0:
+        return 0
+    done = (iteration - 1) // param.test_interval + 1  # multiples of test_interval in [0, iteration)
+    return done if param.test_initialization else done - 1
 
 
 def _test_nets(param: caffe_pb2.SolverParameter, solver_path: Path, tn: TrainNet, train: GraphModule,
                spec: str | None, device: torch.device, say: Say) -> list[_TestNet]:
-    """Caffe's InitTestNets for `test_net` files and the generic `net` (TEST phase, sharing the train weights)."""
+    """Caffe's InitTestNets: test_net_param nets, then test_net files, then the generic net for the remaining
+    test_iter (TEST phase merged with the net's state and test_state[i]; weights shared with the train net)."""
     if not param.test_iter:
         return []
     if param.test_interval <= 0:
         raise SolverError(f"{param.test_iter} test_iter given but test_interval is {param.test_interval}; "
                           "Caffe needs test_interval > 0 to test")
-    files = list(param.test_net)
+    inline, files = list(param.test_net_param), list(param.test_net)
     generic = param.HasField("net") or param.HasField("net_param")
-    if (len(param.test_iter) < len(files)) if generic else (len(param.test_iter) != len(files)):
+    given = len(inline) + len(files)
+    if (len(param.test_iter) < given) if generic else (len(param.test_iter) != given):
         raise SolverError("test_iter must be specified for each test network "
-                          f"({len(param.test_iter)} test_iter for {len(files)} test_net)")
-    if param.test_net_param:
-        raise SolverError("test_net_param is not supported; put the test net in a file and name it in test_net")
+                          f"({len(param.test_iter)} test_iter for {len(inline)} test_net_param and {len(files)} "
+                          "test_net)")
+    if param.test_state and len(param.test_state) != len(param.test_iter):
+        raise SolverError(f"test_state must be unspecified or specified once per test net ({len(param.test_state)} "
+                          f"test_state for {len(param.test_iter)} test nets)")
     nets = []
     for i, iters in enumerate(param.test_iter):
-        if i < len(files):
+        if i < len(inline):
+            net = caffe_pb2.NetParameter()
+            net.CopyFrom(inline[i])
+            source = f"{solver_path} (test_net_param #{i})"
+            upgrade_net(net, source)
+        elif i < given:
             notes: list[str] = []
-            path = resolve_path(files[i], solver_path, "test_net", notes)
+            path = resolve_path(files[i - len(inline)], solver_path, "test_net", notes)
             for note in notes:
                 say(f"note: {note}")
             net = upgrade_net(read_prototxt(path), str(path))
@@ -173,7 +224,8 @@ def _run_tests(nets: list[_TestNet], iteration: int, compute_loss: bool) -> list
         loss = 0.0
         with torch.no_grad():
             for i in range(net.iters):
-                values = net.module(net.data.batch(i), net.module.output_names)
+                values = net.module(net.data.batch(net.cursor), net.module.output_names)
+                net.cursor += 1
                 for name, v in values.items():
                     sums[name] = sums.get(name, 0.0) + float(v.float().mean() if v.numel() > 1 else v)
                 if compute_loss and net.module.loss_terms:
@@ -190,18 +242,24 @@ Progress = Callable[[Iteration, float], None]
 
 def run_training(opts: TrainOptions, say: Say = print, progress: Progress | None = None) -> TrainResult:
     """Train as `caffe train` would, with caffeonnx's additions (data files, .onnx, JSONL log)."""
-    previous = torch.are_deterministic_algorithms_enabled()
+    if opts.threads is not None and opts.threads < 1:
+        raise CaffeOnnxError(f"--threads must be a positive number of CPU threads, got {opts.threads}")
+    previous, previous_threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
     if opts.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for repeatable GEMMs
         torch.use_deterministic_algorithms(True)
+    if opts.threads is not None:
+        torch.set_num_threads(opts.threads)
     try:
         return _train(opts, say, progress)
     finally:
         torch.use_deterministic_algorithms(previous)
+        torch.set_num_threads(previous_threads)
 
 
 def _train(opts: TrainOptions, say: Say, progress: Progress | None) -> TrainResult:
     param = load_solver(opts.solver)
+    warnings = check_solver(param, str(opts.solver))
     tn = train_net(param, opts.solver)
     if opts.weights is not None and opts.snapshot is not None:
         raise SolverError("Give a snapshot to resume training or weights to finetune but not both.")
@@ -209,6 +267,15 @@ def _train(opts: TrainOptions, say: Say, progress: Progress | None) -> TrainResu
         raise SolverError("--stacked starts from the initial weights; resume the fine-tuning with --snapshot alone")
     if opts.max_iter is not None and opts.max_iter < 0:
         raise SolverError(f"--max-iter must be >= 0, got {opts.max_iter}")
+    for warning in warnings:
+        say(f"warning: {warning}")
+    prefix = param.snapshot_prefix or str(opts.solver.with_suffix(""))
+    if param.snapshot or param.snapshot_after_train:
+        check_snapshot_prefix(prefix)
+    if opts.log is not None:
+        check_log(opts.log)
+    for stale in clean_stale_temps(prefix):
+        say(f"note: removed {stale}, left by an interrupted snapshot write")
     device = pick_device(opts.device)
     seed = int(param.random_seed) if param.random_seed >= 0 else 0
     torch.manual_seed(seed)
@@ -232,11 +299,13 @@ def _train(opts: TrainOptions, say: Say, progress: Progress | None) -> TrainResu
             say(f"note: {note}")
         say(f"resumed from {opts.snapshot} at iteration {trainer.iter}")
     tests = _test_nets(param, opts.solver, tn, module, opts.test_data, device, say)
-    export = _export_model(tn, module, say)
-    prefix = param.snapshot_prefix or str(opts.solver.with_suffix(""))
+    for net in tests:
+        net.cursor = count_tests_before(param, trainer.iter) * net.iters
+    export = _export_model(tn, module, param, say)
     result = TrainResult()
     batch = next(iter(data.shapes.values()))[0] * param.iter_size
     stop = trainer.iter + opts.max_iter if opts.max_iter is not None else param.max_iter
+    trainer.solver.lr.check_until(stop)
 
     def pictures(at: str) -> None:
         if opts.pictures:
@@ -253,8 +322,12 @@ def _train(opts: TrainOptions, say: Say, progress: Progress | None) -> TrainResu
 
         def emit(record: dict) -> None:
             if log is not None:
-                log.write(json.dumps(record) + "\n")
-                log.flush()
+                try:
+                    log.write(json.dumps(record) + "\n")
+                    log.flush()
+                except OSError as exc:
+                    raise CaffeOnnxError(f"--log {str(opts.log)!r}: cannot write ({exc.strerror or exc}); snapshots "
+                                         "so far are kept") from None
 
         def test_now() -> None:
             for entry in _run_tests(tests, trainer.iter, param.test_compute_loss):
@@ -264,27 +337,42 @@ def _train(opts: TrainOptions, say: Say, progress: Progress | None) -> TrainResu
                     + ", ".join(f"{k} = {v:.6g}" for k, v in entry["outputs"].items()))
 
         start = time.perf_counter()
-        try:
-            while trainer.iter < stop:
-                if tests and trainer.iter % param.test_interval == 0 and (trainer.iter > 0 or param.test_initialization):
-                    test_now()
-                record = trainer.step(1)[0]
-                result.iterations.append(record)
-                result.samples += batch
-                emit({"iter": record.iter, "loss": record.loss, "smoothed_loss": record.smoothed_loss,
-                      "lr": float(str(np.float32(record.lr)))})  # the float32 rate Caffe uses, printed short
-                if progress is not None:
-                    progress(record, result.samples / max(time.perf_counter() - start, 1e-9))
-                if param.display and record.iter % param.display == 0:
-                    say(f"Iteration {record.iter}, loss = {record.smoothed_loss:.6g}, lr = {record.lr:.6g}")
-                if param.snapshot and trainer.iter % param.snapshot == 0:
+        stopper = StopSignals(lambda: trainer.in_passes)
+        discarded = False
+        with stopper.installed():
+            try:
+                while trainer.iter < stop and stopper.signum is None:
+                    if tests and trainer.iter % param.test_interval == 0 and (trainer.iter > 0
+                                                                              or param.test_initialization):
+                        test_now()
+                    record = trainer.step(1)[0]
+                    result.iterations.append(record)
+                    result.samples += batch
+                    emit({"iter": record.iter, "loss": record.loss, "smoothed_loss": record.smoothed_loss,
+                          "lr": float(str(np.float32(record.lr)))})  # the float32 rate Caffe uses, printed short
+                    if progress is not None:
+                        progress(record, result.samples / max(time.perf_counter() - start, 1e-9))
+                    if param.display and record.iter % param.display == 0:
+                        say(f"Iteration {record.iter}, loss = {record.smoothed_loss:.6g}, lr = {record.lr:.6g}")
+                    if param.snapshot and trainer.iter % param.snapshot == 0:
+                        snapshot()
+            except KeyboardInterrupt:  # a second signal discarded the iteration in progress, or a callback stopped
+                discarded = stopper.signum is not None
+                stopper.signum = stopper.signum or signal.SIGINT
+            finally:
+                result.seconds = time.perf_counter() - start
+            if stopper.signum is not None:  # between two iterations: snapshot that state (still deferring signals)
+                files = snapshot_files(prefix, trainer.iter)
+                kept = bool(result.snapshots) and result.snapshots[-1] == files
+                if not kept:
                     snapshot()
-        except KeyboardInterrupt:
-            files = snapshot()
-            say(f"interrupted at iteration {trainer.iter}: wrote {files.caffemodel}, {files.onnx}, {files.solverstate}")
-            raise
-        finally:
-            result.seconds = time.perf_counter() - start
+                say(f"{'interrupted' if stopper.signum == signal.SIGINT else 'terminated'} by {stopper.name} at "
+                    f"iteration {trainer.iter}: {'kept' if kept else 'wrote'} {files.caffemodel}, {files.onnx}, "
+                    f"{files.solverstate}" + (f" (the iteration in progress, {trainer.iter}, was discarded)"
+                                               if discarded else ""))
+                if stopper.signum != signal.SIGINT:
+                    raise SystemExit(stopper.exit_code)
+                raise KeyboardInterrupt
         if tests and trainer.iter % param.test_interval == 0:
             test_now()
     if param.snapshot_after_train and (not param.snapshot or trainer.iter % param.snapshot != 0) and result.iterations:

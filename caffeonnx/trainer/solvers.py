@@ -68,8 +68,6 @@ class SGDSolver:
         self.check()
         if param.regularization_type not in ("L2", "L1"):
             raise SolverError(f"{source}: Unknown regularization type: {param.regularization_type!r}; use L2 or L1")
-        if param.iter_size < 1:
-            raise SolverError(f"{source}: iter_size must be >= 1, got {param.iter_size!r}")
         self.history: list[list[Tensor]] = [[torch.zeros_like(p) for _, p in self.blobs] for _ in range(self.history_sets)]
 
     def check(self) -> None:
@@ -258,9 +256,65 @@ SOLVERS: dict[str, type[SGDSolver]] = {
 }
 
 
+_FLOAT_FIELDS = ("base_lr", "gamma", "power", "momentum", "momentum2", "weight_decay", "clip_gradients", "delta",
+                 "rms_decay")
+_MOMENTUM_MEANS = {"SGD": "momentum", "Nesterov": "momentum", "AdaDelta": "momentum (AdaDelta's decay)",
+                   "Adam": "momentum (Adam's beta1)"}
+
+
+def check_solver(param: caffe_pb2.SolverParameter, source: str = "solver") -> list[str]:
+    """Caffe's SolverParameter checks (Solver::Init and the solvers' constructors) and more.
+
+    Raises SolverError (one line) for what Caffe refuses or what would hang, crash or diverge from the first
+    update; returns warnings for what Caffe would run but silently differently from what was asked.
+    """
+    for name in _FLOAT_FIELDS:
+        value = getattr(param, name)
+        if not math.isfinite(value):
+            raise SolverError(f"{source}: {name} is {value}; give a finite number")
+    if param.average_loss < 1:
+        raise SolverError(f"{source}: average_loss should be non-negative. (Caffe needs average_loss >= 1, the number "
+                          f"of iterations the displayed loss averages; got {param.average_loss})")
+    if param.iter_size < 1:
+        raise SolverError(f"{source}: iter_size must be >= 1, got {param.iter_size!r}")
+    if param.base_lr < 0:
+        raise SolverError(f"{source}: base_lr must be >= 0 (a negative rate climbs the loss), got {param.base_lr:g}")
+    for name in ("snapshot", "display", "max_iter"):
+        if getattr(param, name) < 0:
+            raise SolverError(f"{source}: {name} must be >= 0, got {getattr(param, name)}")
+    kind = solver_type(param, source)
+    if kind in _MOMENTUM_MEANS and not 0 <= param.momentum < 1:
+        raise SolverError(f"{source}: {_MOMENTUM_MEANS[kind]} must lie in [0, 1) (at 1 or more the {kind} history "
+                          f"never decays and the steps grow without bound), got {param.momentum:g}")
+    if kind == "Adam" and not 0 <= param.momentum2 < 1:
+        raise SolverError(f"{source}: momentum2 (Adam's beta2) must lie in [0, 1), got {param.momentum2:g}")
+    if kind in ("AdaGrad", "RMSProp", "AdaDelta", "Adam") and param.delta <= 0:
+        raise SolverError(f"{source}: delta must be > 0 for {kind} (it keeps the update's divisor above zero), got "
+                          f"{param.delta:g}")
+    warnings = []
+    if param.snapshot_format == caffe_pb2.SolverParameter.HDF5:
+        warnings.append(f"{source}: snapshot_format HDF5 is not written by caffeonnx: snapshots are BINARYPROTO "
+                        "(.caffemodel, .solverstate), which Caffe reads too")
+    if param.weight_decay < 0:
+        warnings.append(f"{source}: weight_decay {param.weight_decay:g} is negative: it pushes the weights away from "
+                        "zero (Caffe runs it as given)")
+    if param.clip_gradients == 0:
+        warnings.append(f"{source}: clip_gradients 0 scales every gradient to zero: no weight will change (a negative "
+                        "value, the default -1, turns clipping off)")
+    if param.snapshot and not param.HasField("snapshot_prefix"):
+        warnings.append(f"{source}: In solver params, snapshot is specified but snapshot_prefix is not (Caffe refuses "
+                        "this); snapshots go beside the solver")
+    steps = list(param.stepvalue)
+    if param.lr_policy == "multistep" and any(b <= a for a, b in zip(steps, steps[1:])):
+        warnings.append(f"{source}: stepvalue {steps} is not increasing: Caffe steps once per iteration past each "
+                        "value in order, so later values act early")
+    return warnings
+
+
 def make_solver(param: caffe_pb2.SolverParameter, blobs: Sequence[tuple[ParamInfo, nn.Parameter]],
                 source: str = "solver") -> SGDSolver:
-    """The Caffe solver `param` asks for, over the net's learnable blobs."""
+    """The Caffe solver `param` asks for, over the net's learnable blobs (checked as `check_solver` does)."""
+    check_solver(param, source)
     kind = solver_type(param, source)
     if kind not in SOLVERS:
         raise SolverError(

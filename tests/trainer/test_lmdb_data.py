@@ -82,7 +82,7 @@ layer { name: "loss" type: "EuclideanLoss" bottom: "ip" bottom: "label" top: "lo
                                               "snapshot_after_train: false\n")
     said: list[str] = []
     result = run_training(TrainOptions(tmp_path / "solver.prototxt"), say=said.append)
-    assert "reading train batches from the Data layer's LMDB 'train_lmdb'" in said
+    assert "reading train batches from Data layer 'mnist' ('train_lmdb')" in said
     labels = np.arange(4) % 3  # the first batch's labels
     first = float(np.square(labels).sum() / 4 / 2)  # the ip starts at zero: Caffe's loss is Σ label² / N / 2
     assert result.iterations[0].loss == pytest.approx(first, rel=1e-6)

@@ -8,14 +8,18 @@ With base_lr 0 the weights never move, so every expected value is a numpy forwar
 """
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from caffeonnx.data.lmdb_writer import write_datum_lmdb
+from caffeonnx.errors import CaffeOnnxError
 from caffeonnx.proto import caffe_pb2
-from caffeonnx.trainer.session import TrainOptions, run_training, count_tests_before
-from tests.lmdb_writer import write_datum_lmdb
+from caffeonnx.trainer.evaluate import run_test
+from caffeonnx.trainer.session import TrainOptions, count_tests_before, run_training
 
 NET = """name: "LeNetStyle"
 layer {
@@ -144,3 +148,49 @@ def test_resumed_run_tests_on_the_records_an_uninterrupted_run_would(workdir: Pa
 def test_tests_before_counts_caffes_test_points(interval: int, initial: bool, iteration: int, want: int) -> None:
     param = caffe_pb2.SolverParameter(test_iter=[1], test_interval=interval, test_initialization=initial)
     assert count_tests_before(param, iteration) == want
+
+
+def test_test_net_param_inline_equals_the_generic_net(workdir: Path) -> None:
+    """A test net written inside the solver (test_net_param) is Caffe's test net #0, like the generic one."""
+    whole = run_training(TrainOptions(Path("solver.prototxt"), pictures=False), say=lambda _: None)
+    inline = SOLVER.replace('net: "net.prototxt"', 'train_net: "net.prototxt"\ntest_net_param {\n' + NET + "\n}")
+    (workdir / "inline_solver.prototxt").write_text(inline)
+    got = run_training(TrainOptions(Path("inline_solver.prototxt"), pictures=False), say=lambda _: None)
+    assert [(t["iter"], t["outputs"]) for t in got.tests] == [(t["iter"], t["outputs"]) for t in whole.tests]
+
+
+def test_test_state_must_be_given_once_per_test_net(workdir: Path) -> None:
+    (workdir / "bad.prototxt").write_text(SOLVER + 'test_state { stage: "a" }\ntest_state { stage: "b" }\n')
+    with pytest.raises(CaffeOnnxError, match="test_state must be unspecified or specified once per test net"):
+        run_training(TrainOptions(Path("bad.prototxt"), pictures=False), say=lambda _: None)
+
+
+def test_caffeonnx_test_scores_the_test_phase_like_caffe_test(workdir: Path) -> None:
+    """`caffe test -model net.prototxt -iterations 3`: batches 0, 1, 2 of the TEST Data layer, then their mean."""
+    lines: list[str] = []
+    report = run_test("net.prototxt", iterations=3, say=lines.append)
+    records = np.load(workdir / "test_records.npz")
+    x = records["images"].reshape(TEST_RECORDS, -1).astype(np.float32) * np.float32(0.00390625)
+    want = []
+    for b in range(3):
+        rows = np.arange(2 * b, 2 * b + 2) % TEST_RECORDS
+        pred = x[rows].astype(np.float64) @ np.full(4, 0.01) + 0.5
+        want.append(np.sum((pred - records["labels"][rows]) ** 2) / 2 / 2)
+    assert [b["loss"] for b in report.batches] == pytest.approx(want, rel=1e-5)
+    assert report.means["loss"] == pytest.approx(np.mean(want), rel=1e-5)
+    assert report.loss == pytest.approx(np.mean(want), rel=1e-5), "loss_weight 1 on the EuclideanLoss"
+    start = lines.index("Running for 3 iterations.")
+    assert lines[start + 1].startswith("Batch 0, loss = ") and "test_lmdb" in lines[0]
+    assert lines[-2].startswith("Loss: ") and lines[-1].startswith("loss = ") and "(* 1 = " in lines[-1]
+
+
+def test_caffeonnx_test_command_line(workdir: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "caffeonnx", "test", "net.prototxt", "--iterations", "2"],
+                          capture_output=True, text=True, timeout=120, cwd=workdir)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[1:3] == ["Running for 2 iterations.", lines[2]] and lines[2].startswith("Batch 0, loss = ")
+    assert lines[-2].startswith("Loss: ") and lines[-1].startswith("loss = ")
+    bad = subprocess.run([sys.executable, "-m", "caffeonnx", "test", "net.prototxt", "--iterations", "0"],
+                         capture_output=True, text=True, timeout=120, cwd=workdir)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: --iterations must be at least 1")
