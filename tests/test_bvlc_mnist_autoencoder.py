@@ -18,14 +18,16 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 
+from caffeonnx.converter import metadata
 from caffeonnx.converter.caffe_io import write_caffemodel
+from caffeonnx.data.lmdb_writer import write_datum_lmdb
 from caffeonnx.proto import caffe_pb2
 from caffeonnx.runtime.inputs import open_samples
-from tests.lmdb_writer import write_datum_lmdb
 
-BVLC = Path(__file__).parent / "bvlc"
+BVLC = Path(__file__).parents[1] / "caffeonnx" / "examples" / "bvlc"
 MNIST = Path(__file__).parents[1] / "caffeonnx" / "examples" / "mnist_subset"
 SCALE = np.float32(0.0039215684)
 SIZES = [784, 1000, 500, 250, 30, 250, 500, 1000, 784]
@@ -117,3 +119,8 @@ def test_bvlc_mnist_autoencoder_trains_unchanged(caffe_root: Path) -> None:
         assert got["l2_error"] == pytest.approx(want_l2, rel=1e-4), f"test net #{entry['net']}"
         assert entry["loss"] == pytest.approx(want_cross, rel=1e-4), "test loss: loss_weight 1 and 0"
     assert "mnist_test_lmdb" in run.stderr + run.stdout, "test net #1 reads the test LMDB"
+    assert "does not convert" not in run.stderr + run.stdout
+    snap = onnx.load(str(caffe_root / "examples/mnist/mnist_autoencoder_iter_1.onnx"))
+    state = metadata.net_state(snap)
+    assert state is not None and list(state.stage) == ["test-on-train"], "the .onnx is the TEST net of test_state[0]"
+    assert [r.index for r in metadata.layer_records(snap)][:2] == [1, 3], "data #1 (test-on-train), then flatdata"
