@@ -307,12 +307,19 @@ class GraphModule(nn.Module):
 
         return run
 
-    def add_train_transform(self, layer: str, fn: Callable[[Tensor], Tensor]) -> str:
+    def add_train_transform(self, layer: str | int, fn: Callable[[Tensor], Tensor]) -> str:
         """Apply `fn` to the first top of Caffe layer `layer` in training mode only (e.g. WTA sparsity).
+
+        `layer` is a name, which must be unambiguous, or a position in the stored net.
 
         Returns the ONNX value transformed.  Inference and exported graphs are untouched.
         """
-        rec = self.records[find_layer(self.records, layer)]
+        if isinstance(layer, int):  # a position in the stored net
+            rec = next((r for r in self.records if r.index == layer), None)
+            if rec is None:
+                raise CaffeOnnxError(f"no converted layer at position {layer} of the net")
+        else:
+            rec = self.records[find_layer(self.records, layer)]
         if not rec.tops:
             raise CaffeOnnxError(f"layer {layer!r} has no top to transform")
         self.train_transforms[rec.index] = (rec.tops[0], fn)

@@ -31,10 +31,15 @@ Tensor = torch.Tensor
 
 @dataclass(frozen=True)
 class WtaSpec:
-    """Lifetime sparsity `fraction` (0 < f <= 1) on the top of Caffe layer `layer`."""
+    """Lifetime sparsity `fraction` (0 < f <= 1) on the top of Caffe layer `layer`.
+
+    `position` pins the layer by its place in the net where the spec comes from the prototxt
+    itself (a layer name may repeat); a name from the command line must be unambiguous.
+    """
 
     layer: str
     fraction: float
+    position: int | None = None
 
 
 def parse_wta(text: str) -> WtaSpec:
@@ -57,7 +62,7 @@ PYTHON_MODULE = "caffeonnx.wta"
 def take_wta_layers(net: caffe_pb2.NetParameter, source: str) -> list[WtaSpec]:
     """Remove the WTA Python layers from `net`; each becomes a spec on the last earlier layer writing its blob."""
     specs, kept = [], []
-    writer: dict[str, str] = {}
+    writer: dict[str, tuple[str, int]] = {}  # blob -> (name, position in the net left) of its latest writer
     for layer in net.layer:
         if layer.type == "Python" and layer.python_param.module == PYTHON_MODULE:
             if len(layer.bottom) != 1 or list(layer.top) != list(layer.bottom):
@@ -66,12 +71,13 @@ def take_wta_layers(net: caffe_pb2.NetParameter, source: str) -> list[WtaSpec]:
             blob = layer.bottom[0]
             if blob not in writer:
                 raise CaffeOnnxError(f"{source}: layer {layer.name!r}: no earlier layer writes {blob!r}")
-            spec = parse_wta(f"{writer[blob]}={layer.python_param.param_str.strip()}")
-            specs.append(spec)
+            name, position = writer[blob]
+            spec = parse_wta(f"{name}={layer.python_param.param_str.strip()}")
+            specs.append(WtaSpec(spec.layer, spec.fraction, position))
             continue
-        kept.append(layer)
         for top in layer.top:
-            writer[top] = layer.name
+            writer[top] = (layer.name, len(kept))
+        kept.append(layer)
     del net.layer[:]
     net.layer.extend(kept)
     return specs
@@ -115,4 +121,5 @@ def winner_take_all(fraction: float) -> Callable[[Tensor], Tensor]:
 
 def apply_wta(module: GraphModule, specs: list[WtaSpec]) -> list[str]:
     """Install each spec on `module` (training mode only); returns the ONNX values sparsified."""
-    return [module.add_train_transform(spec.layer, winner_take_all(spec.fraction)) for spec in specs]
+    return [module.add_train_transform(spec.layer if spec.position is None else spec.position,
+                                       winner_take_all(spec.fraction)) for spec in specs]

@@ -104,8 +104,27 @@ layer { name: "decode"''')
     assert "winner-take-all sparsity on 'code' while training (inference and exports stay dense)" in said
     assert "Python" not in {layer.type for layer in read_caffemodel(tmp_path / "o.caffemodel").net.layer}
     net = parse_prototxt(net_text, "<t>")
-    assert take_wta_layers(net, "<t>") == [WtaSpec("relu", 0.1)]
+    assert take_wta_layers(net, "<t>") == [WtaSpec("relu", 0.1, 2)]
     assert [layer.name for layer in net.layer] == ["data", "encode", "relu", "decode", "loss"]
+
+
+def test_a_wta_python_layer_after_a_repeated_name_pins_its_layer_by_position(tmp_path: Path) -> None:
+    """Caffe allows repeated names: the WTA layer's spec is the layer that wrote its blob, not every 'encode'."""
+    net_text = NET.replace('name: "relu"', 'name: "encode"').replace('layer { name: "decode"', '''layer { name: "wta"
+  type: "Python" bottom: "code" top: "code" python_param { module: "caffeonnx.wta" param_str: "10%" } }
+layer { name: "decode"''')
+    net = parse_prototxt(net_text, "<t>")
+    assert take_wta_layers(net, "<t>") == [WtaSpec("encode", 0.1, 2)]
+    (tmp_path / "net.prototxt").write_text(net_text)
+    (tmp_path / "solver.prototxt").write_text(f'net: "{tmp_path / "net.prototxt"}"\nbase_lr: 0.01\nlr_policy: "fixed"\n'
+                                              "max_iter: 2\nsnapshot_after_train: false\n")
+    np.savez(tmp_path / "d.npz", data=rng(1).normal(size=(50, 16)).astype(np.float32))
+    said: list[str] = []
+    run_training(TrainOptions(tmp_path / "solver.prototxt", data=str(tmp_path / "d.npz")), say=said.append)
+    assert "winner-take-all sparsity on 'code' while training (inference and exports stay dense)" in said
+    with pytest.raises(CaffeOnnxError, match="layer name 'encode' is ambiguous"):
+        run_training(TrainOptions(tmp_path / "solver.prototxt", data=str(tmp_path / "d.npz"), wta=["encode=5%"]),
+                     say=said.append)
 
 
 def test_a_wta_python_layer_must_be_in_place() -> None:
