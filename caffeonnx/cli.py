@@ -104,8 +104,11 @@ def convert(
     """Convert a Caffe prototxt (+ caffemodel) to ONNX."""
     from caffeonnx.converter.caffe_to_onnx import convert_files
 
+    from caffeonnx.fileio import check_output
+
     opts = _options(opset, batch, phase, input_shape, stage, level, all_blobs=all_blobs, fp16=fp16,
                     init_missing=init_missing, seed=seed)
+    check_output(output, inputs=[p for p in (prototxt, weights) if p is not None])
     with err.status(f"converting {prototxt.name}"):
         converted = convert_files(prototxt, weights, opts)
         converted.save(output)
@@ -176,6 +179,11 @@ def to_caffe(
     from caffeonnx.converter.onnx_to_caffe import convert_to_caffe_files
     from caffeonnx.proto import caffe_pb2
 
+    from caffeonnx.fileio import check_output
+
+    check_output(output, inputs=[model])
+    if weights is not None:
+        check_output(weights, "--weights", inputs=[model, output])
     state = None
     if stage is not None or level is not None:
         state = caffe_pb2.NetState(stage=stage or [], level=level or 0)

@@ -202,3 +202,55 @@ def test_verify_refuses_bad_input_arrays_by_name(kind: str, tmp_path: Path) -> N
     proc = _cli("verify", TIED / "net.prototxt", TIED / "weights.caffemodel", "--inputs", bad,
                 "--reference", TIED / "blobs.npz")
     _one_line_error(proc, says)
+
+
+def _out_cases(tmp: Path) -> dict[str, tuple[str, str]]:
+    (tmp / "adir").mkdir()
+    (tmp / "afile").write_text("x")
+    return {"empty": ("", "is a directory"),  # typer makes '' the path '.'
+            "directory": (str(tmp / "adir"), "is a directory"),
+            "under a file": (str(tmp / "afile" / "m.onnx"), "is a file, not a directory"),
+            "the input itself": (str(TIED / "net.prototxt"), "is also")}
+
+
+@pytest.mark.parametrize("case", ["empty", "directory", "under a file", "the input itself"])
+def test_bad_output_targets_are_refused_before_any_work(case: str, tmp_path: Path) -> None:
+    target, says = _out_cases(tmp_path)[case]
+    before = (TIED / "net.prototxt").read_bytes()
+    _one_line_error(_cli("convert", TIED / "net.prototxt", TIED / "weights.caffemodel", "-o", target), says)
+    assert (TIED / "net.prototxt").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adir", "afile"]
+
+
+def test_a_device_or_fifo_output_is_written_through_never_replaced(tmp_path: Path) -> None:
+    import stat
+    import threading
+
+    proc = _cli("convert", TIED / "net.prototxt", TIED / "weights.caffemodel", "-o", "/dev/null")
+    assert proc.returncode == 0, proc.stderr
+    assert stat.S_ISCHR(os.stat("/dev/null").st_mode), "/dev/null is still the device"
+    fifo = tmp_path / "out.fifo"
+    os.mkfifo(fifo)
+    got: list[bytes] = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_bytes()))
+    reader.start()
+    proc = _cli("encoder", _tied_model(tmp_path), "-o", fifo)
+    reader.join(timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode), "the FIFO is still a FIFO"
+    assert onnx.load_from_string(got[0]).graph.node, "the encoder came through the FIFO"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "out.fifo"]
+
+
+def _tied_model(where: Path) -> Path:
+    path = where / "m.onnx"
+    path.write_bytes(convert_files(TIED / "net.prototxt", TIED / "weights.caffemodel").to_proto().SerializeToString())
+    return path
+
+
+def test_to_caffe_refuses_the_same_file_for_both_outputs(tied_onnx: onnx.ModelProto, tmp_path: Path) -> None:
+    path = tmp_path / "m.onnx"
+    path.write_bytes(tied_onnx.SerializeToString())
+    _one_line_error(_cli("to-caffe", path, "-o", tmp_path / "x", "--weights", tmp_path / "x"), "is also")
+    _one_line_error(_cli("to-caffe", path, "-o", path), "is also")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]

@@ -45,8 +45,10 @@ def encoder(
     import onnx
 
     from caffeonnx.converter.onnx_io import load_onnx
+    from caffeonnx.fileio import check_output
     from caffeonnx.runtime.encoder import extract_encoder, save_model
 
+    check_output(output, inputs=[model])
     enc, choice = extract_encoder(load_onnx(model), code)
     onnx.checker.check_model(enc, full_check=True)
     save_model(enc, output)
@@ -76,9 +78,11 @@ def encode(
                                              "graph and replay it for every full batch.")] = False,
 ) -> None:
     """Encode a file of samples into a .npy of codes, streaming (memory stays bounded)."""
+    from caffeonnx.fileio import check_output
     from caffeonnx.runtime.encode import encode_file
     from caffeonnx.runtime.session import EncoderSession
 
+    check_output(output, inputs=[model, inputs])
     session = EncoderSession(model, _session_config(device, threads, warmup=(), fp16=fp16, tf32=tf32,
                                                     cuda_graphs=(batch_size,) if cuda_graph else ()))
     err.print(f"running on {session.describe()}", highlight=False)
