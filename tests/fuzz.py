@@ -7,6 +7,9 @@ runs affordable) in a directory of its own.  An outcome is acceptable when the c
 or exits 2 (or 1 for verify's "blobs differ") with one `error:` line and no traceback, and leaves
 no hidden temp file behind (nor any output when it failed).
 
+`train` mutants (a training fixture with its solver, net, weights or data mutated, two iterations)
+come from a random stream of their own, one per round of the other commands.
+
 Used by tests/test_fuzz.py (a bounded slice in CI) and benchmarks/fuzz_campaign.py (long runs).
 """
 from __future__ import annotations
@@ -26,6 +29,7 @@ import onnx
 ROOT = Path(__file__).resolve().parents[1]
 CASES = ROOT / "tests" / "data" / "caffe_reference"
 SEED_CASES = ("tied_ae", "lenet", "layer_zoo", "conv_wta_ae")
+TRAIN_CASES = ("train_tied_sgd", "train_deep_adam", "train_siamese_sgd")
 EXTREMES = ["0", "-1", "1", "3", "2147483647", "4294967295", "99999999", "1e30", "nan", "-inf"]
 
 
@@ -158,14 +162,20 @@ def _seed_files(case: str) -> dict[str, bytes]:
 
 
 def mutants(seed: int, count: int, onnx_models: dict[str, onnx.ModelProto]) -> Iterator[Mutant]:
-    """`count` seeded mutants spread over the commands and the fixtures."""
+    """`count` seeded mutants spread over the commands and the fixtures, plus a train mutant per six."""
     rng = random.Random(seed)
     seeds = {case: _seed_files(case) for case in SEED_CASES}
+    training = {case: {name: (CASES / case / name).read_bytes()
+                       for name in ("solver.prototxt", "train.prototxt", "init.caffemodel", "data.npz")}
+                for case in TRAIN_CASES}
     commands = ["convert", "convert", "inspect", "to-caffe", "encoder", "verify"]
+    train_rng = random.Random(seed + 7919)  # its own stream: adding train mutants left the others as they were
     for k in range(count):
         case = rng.choice(SEED_CASES)
         files = dict(seeds[case])
         command = commands[k % len(commands)]
+        if k % len(commands) == len(commands) - 1:  # one train mutant per round of the other commands
+            yield _train_mutant(training, train_rng, seed * 1_000_003 + 500_000 + k)
         if command in ("convert", "inspect") and rng.random() < 0.6 or command == "verify" and rng.random() < 0.4:
             files["net.prototxt"] = _prototxt_mutants(files["net.prototxt"].decode(), rng).encode()
         elif command in ("convert", "verify") and rng.random() < 0.5:
@@ -186,6 +196,18 @@ def mutants(seed: int, count: int, onnx_models: dict[str, onnx.ModelProto]) -> I
             argv = ["to-caffe", "model.onnx", "-o", "out.prototxt", "--weights", "out.caffemodel"] \
                 if command == "to-caffe" else ["encoder", "model.onnx", "-o", "enc.onnx"]
         yield Mutant(command, case, files, argv, seed * 1_000_003 + k)
+
+
+def _train_mutant(training: dict[str, dict[str, bytes]], rng: random.Random, seed: int) -> Mutant:
+    """`caffeonnx train` for two iterations on a training fixture with one of its four files mutated."""
+    case = rng.choice(TRAIN_CASES)
+    files = dict(training[case])
+    target = rng.choice(["solver.prototxt", "train.prototxt", "init.caffemodel", "data.npz"])
+    files[target] = (_prototxt_mutants(files[target].decode(), rng).encode() if target.endswith(".prototxt")
+                     else _byte_mutant(files[target], rng))
+    argv = ["train", "solver.prototxt", "--weights", "init.caffemodel", "--data", "data.npz", "--max-iter", "2",
+            "-o", "out", "--no-png", "-q", "--device", "cpu", "--threads", "1"]
+    return Mutant("train", case, files, argv, seed)
 
 
 def seed_onnx_models() -> dict[str, onnx.ModelProto]:

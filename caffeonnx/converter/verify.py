@@ -6,18 +6,15 @@ made a graph output, run through onnxruntime, and compared with the reference.
 from __future__ import annotations
 
 import os
-import tokenize
-import zipfile
-import zlib
 from dataclasses import dataclass
 
 import numpy as np
 
-from caffeonnx.converter.caffe_io import check_input_file
 from caffeonnx.converter.caffe_to_onnx import ConvertedModel, convert_files
 from caffeonnx.converter.context import ConvertOptions
 from caffeonnx.converter.metadata import layer_records
 from caffeonnx.errors import InputFileError
+from caffeonnx.npz import load_npz
 
 
 @dataclass
@@ -31,27 +28,6 @@ class BlobCheck:
     max_rel: float
     ok: bool
     note: str = ""
-
-
-def load_npz(path: str | os.PathLike[str], what: str) -> dict[str, np.ndarray]:
-    """Arrays of an .npz file of real numbers, with one clear error when it is missing, damaged or of another kind."""
-    p = check_input_file(path, what)
-    try:
-        with np.load(p, allow_pickle=False) as data:
-            if not isinstance(data, np.lib.npyio.NpzFile):
-                raise InputFileError(f"{p}: a single .npy array, not an .npz; save the {what} with numpy.savez")
-            arrays = {k: data[k] for k in data.files}
-    except InputFileError:
-        raise
-    except (ValueError, OSError, EOFError, KeyError, SyntaxError, tokenize.TokenError, zipfile.BadZipFile,
-            zlib.error) as exc:  # numpy parses each array's header as a Python literal
-        raise InputFileError(f"{p}: not a readable .npz file ({type(exc).__name__}: {exc}); re-save it with "
-                             "numpy.savez") from None
-    for name, arr in arrays.items():
-        if arr.dtype.kind not in "biuf":
-            raise InputFileError(f"{p}: array {name!r} holds {arr.dtype} values; {what} arrays must be real numbers "
-                                 "(float32 as Caffe's blobs)")
-    return arrays
 
 
 def check_inputs(inputs: dict[str, np.ndarray], graph_inputs: dict[str, list[int | str]], source: str) -> None:

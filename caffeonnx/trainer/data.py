@@ -19,11 +19,13 @@ from typing import Protocol
 
 import numpy as np
 
+from caffeonnx.converter.caffe_io import check_input_file
 from caffeonnx.converter.fillers import fill
 from caffeonnx.data.hdf5_source import Hdf5Source
 from caffeonnx.data.image_source import ImageDataSource
 from caffeonnx.data.lmdb_source import DataLayerSource
 from caffeonnx.errors import DataError, InputFileError
+from caffeonnx.npz import load_npz
 from caffeonnx.proto import caffe_pb2
 from caffeonnx.runtime.inputs import open_samples
 
@@ -175,15 +177,11 @@ def load_source(spec: str | os.PathLike[str], inputs: Mapping[str, Shape],
             arrays[blob] = _read_one(Path(file))
     else:
         path = Path(text)
-        if not path.exists():
-            raise InputFileError(f"data file {text!r} does not exist; check the path")
-        if path.is_dir():
-            raise InputFileError(f"data {text!r} is a directory; pass an .npz, .npy or IDX file")
+        check_input_file(path, "data file")
         with open(path, "rb") as fh:
             is_zip = fh.read(4) == b"PK\x03\x04"
         if is_zip:
-            with np.load(path, allow_pickle=False) as npz:
-                arrays = {k: npz[k] for k in npz.files}
+            arrays = load_npz(path, "data")
             unknown = sorted(set(arrays) - set(inputs))
             if unknown:
                 raise DataError(f"{text}: arrays {unknown} match no input blob of the net (inputs: {names}); "
@@ -367,3 +365,43 @@ class LmdbSource(NetSource):
 
     def __init__(self, layer: caffe_pb2.LayerParameter, shapes: Mapping[str, Shape], train: bool, seed: int) -> None:
         super().__init__([DataLayerSource(layer, train, seed, 0)], [t for t in layer.top if t in shapes], shapes)
+
+
+class ShardedSource:
+    """Rank `rank`'s share of a TRAIN source among `world` ranks; batch k stays a pure function of k.
+
+    skip (Caffe's DataLayer::Skip): one stream of items, item p being row p mod B of batch p // B
+    of the source (B its batch size); rank r keeps the items whose position p has p mod N = r, so its
+    batch k holds the items at positions (k·B + i)·N + r, i = 0..B−1, wrapping across epochs as the
+    source does.  contiguous: rank r's batch k is the r-th of N consecutive batches, batch k·N + r, so
+    N ranks of batch B read exactly what one process with iter_size N reads.  Each blob is sharded
+    with its own batch size, as each Caffe data layer skips on its own cursor.
+    """
+
+    def __init__(self, source: DataSource, rank: int, world: int, mode: str) -> None:
+        self.source = source
+        self.rank, self.world, self.mode = rank, world, mode
+        self.shapes = dict(source.shapes)
+
+    @property
+    def samples(self) -> dict[str, int]:
+        """The records of the whole source (every rank reads from all of them)."""
+        return self.source.samples
+
+    def batch(self, index: int) -> dict[str, np.ndarray]:
+        """Batch `index` of this rank."""
+        if self.mode == "contiguous":
+            return self.source.batch(index * self.world + self.rank)
+        read: dict[int, dict[str, np.ndarray]] = {}
+        out = {}
+        for name, shape in self.shapes.items():
+            size = shape[0]
+            positions = (index * size + np.arange(size)) * self.world + self.rank
+            rows = []
+            for p in positions.tolist():
+                k = p // size
+                if k not in read:
+                    read[k] = self.source.batch(k)
+                rows.append(read[k][name][p % size])
+            out[name] = np.stack(rows)
+        return out
