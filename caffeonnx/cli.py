@@ -165,6 +165,9 @@ def to_caffe(
         bool, typer.Option("--allow-extensions",
                            help="Allow layers/fields newer than BVLC Caffe 1.0 (Permute, Clip, pooling round_mode).")
     ] = False,
+    phase: Annotated[Optional[str], typer.Option(
+        "--phase", help="Phase for the written prototxt's state { phase } (TEST or TRAIN; default: none, as "
+                        "Caffe's tools set it when they load the net).")] = None,
     stage: Annotated[Optional[list[str]], typer.Option(
         "--stage", help="Stages for the written prototxt's state { stage } (repeatable; default: the stages the "
                         "model was converted with, from its metadata).")] = None,
@@ -185,8 +188,12 @@ def to_caffe(
     if weights is not None:
         check_output(weights, "--weights", inputs=[model, output])
     state = None
-    if stage is not None or level is not None:
+    if stage is not None or level is not None or phase is not None:
+        if phase is not None and phase.upper() not in ("TEST", "TRAIN"):
+            raise CaffeOnnxError(f"--phase must be TEST or TRAIN, got {phase!r}")
         state = caffe_pb2.NetState(stage=stage or [], level=level or 0)
+        if phase is not None:
+            state.phase = caffe_pb2.Phase.Value(phase.upper())
     result = convert_to_caffe_files(model, output, weights, batch, allow_extensions, state)
     n_blobs = sum(len(b) for b in result.blobs.values())
     out.print(f"wrote {output} ({len(result.net.layer)} layers)" + (f" and {weights} ({n_blobs} blobs)" if weights else ""))

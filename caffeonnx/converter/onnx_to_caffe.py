@@ -86,6 +86,8 @@ def _restore(model: ModelProto, batch: int | None, state: caffe_pb2.NetState | N
             net.state.stage.extend(added)
         if chosen.level:
             net.state.level = chosen.level
+        if state is not None and state.HasField("phase"):
+            net.state.phase = state.phase
     if batch is not None:
         _set_batch(net, batch)
     return out

@@ -175,3 +175,16 @@ def test_trainer_keeps_each_repeated_layer_apart(tmp_path) -> None:
     assert shapes == [[[3, 3], [3]], [[2, 3], [2]]], "both layers named 'ip' are written, each with its own blobs"
     back = onnx_to_caffe(module.to_converted().to_proto())
     assert [len(back.blobs.get(i, [])) for i in range(len(back.net.layer))] == [0, 2, 2, 0, 0]
+
+
+def test_to_caffe_writes_the_phase_stage_and_level_it_is_given(tmp_path) -> None:
+    proto = tmp_path / "staged.prototxt"
+    proto.write_text(STAGED)
+    model, back = tmp_path / "m.onnx", tmp_path / "back.prototxt"
+    assert run("convert", str(proto), "-o", str(model)).returncode == 0
+    done = run("to-caffe", str(model), "-o", str(back), "--phase", "TRAIN", "--stage", "deploy", "--level", "3")
+    assert done.returncode == 0, done.stderr
+    state = _net(back.read_text()).state
+    assert (state.phase, list(state.stage), state.level) == (caffe_pb2.TRAIN, ["from-net", "deploy"], 3)
+    bad = run("to-caffe", str(model), "-o", str(tmp_path / "x.prototxt"), "--phase", "VAL")
+    assert bad.returncode == 2 and "--phase must be TEST or TRAIN" in bad.stderr
