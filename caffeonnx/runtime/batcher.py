@@ -8,7 +8,9 @@ arrived (Triton's max queue delay): a lone request never waits; then it concaten
 event loop keeps accepting requests meanwhile) and hands each request its rows of
 the result.  Requests also pile up while a run is under way, so under load batches
 form even with no delay.  With batching off every request runs alone, through the
-same queue and thread: the fair baseline for the same server.
+same queue and thread: the fair baseline for the same server.  A request of 0 rows
+(an empty batch) goes through the same way and gets its 0 rows of the result: the
+worker waits for requests, not rows.
 """
 from __future__ import annotations
 
@@ -49,8 +51,8 @@ class DynamicBatcher:
         self._on_run = on_run  # (rows, seconds) after each model run
         self._pending: deque[_Pending] = deque()
         self._queued_rows = 0
-        self._wake: asyncio.Future[None] | None = None  # resolved when the waiting worker has enough rows
-        self._wake_rows = 1
+        self._wake: asyncio.Future[None] | None = None  # resolved when the waiting worker has what it waits for
+        self._wake_rows = 0  # rows it waits for; 0: any request, even one of 0 rows (an empty batch)
         self._filling = False  # the worker waits to fill a batch (not for a first request)
         self._incoming = 0  # requests announced with expect() and not yet submitted
         self._stopping = False
@@ -90,12 +92,16 @@ class DynamicBatcher:
     def _notify(self, force: bool = False) -> None:
         """Wake the worker if it waits and now has the rows it waits for (or must stop)."""
         wake = self._wake
-        if wake is not None and not wake.done() and (force or self._queued_rows >= self._wake_rows):
+        if wake is not None and not wake.done() and (force or self._has(self._wake_rows)):
             wake.set_result(None)
 
+    def _has(self, rows: int) -> bool:
+        """`rows` rows are queued; 0 rows: a request is queued (counting rows alone, 0-row requests never wake)."""
+        return self._queued_rows >= rows if rows > 0 else bool(self._pending)
+
     async def _wait_for_rows(self, rows: int, timeout: float | None) -> None:
-        """Until `rows` rows are queued, `timeout` seconds pass, or stop() is called."""
-        if self._queued_rows >= rows or self._stopping:
+        """Until `rows` rows (0: a request) are queued, `timeout` seconds pass, or stop() is called."""
+        if self._has(rows) or self._stopping:
             return
         loop = asyncio.get_running_loop()
         self._wake, self._wake_rows, self._filling = loop.create_future(), rows, timeout is not None
@@ -123,7 +129,7 @@ class DynamicBatcher:
     async def _work(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            await self._wait_for_rows(1, None)
+            await self._wait_for_rows(0, None)
             if not self._pending:  # stopping, and nothing left
                 break
             batch: list[_Pending] = []

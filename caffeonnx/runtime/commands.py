@@ -124,10 +124,17 @@ def serve(
     max_body_mb: Annotated[float, typer.Option("--max-body-mb", help="Larger request bodies get 413.")] = 64.0,
     fp16: FP16Option = False,
     tf32: TF32Option = False,
+    keep_alive: Annotated[float, typer.Option("--keep-alive", help="Seconds an idle connection is kept open.")] = 5.0,
+    request_timeout: Annotated[float, typer.Option("--request-timeout", help="Seconds a request's head and body "
+                                                   "have to arrive, from its first byte (then 408).")] = 30.0,
+    max_connections: Annotated[int, typer.Option("--max-connections", help="Open connections; more get 503 and "
+                                                 "are closed (the open-files limit is raised to fit).")] = 512,
+    shutdown_timeout: Annotated[float, typer.Option("--shutdown-timeout", help="SIGTERM: seconds to finish the "
+                                                    "requests in flight before the rest get 503.")] = 10.0,
 ) -> None:
     """Serve an encoder over the Open Inference Protocol v2 (KServe / Triton REST), with dynamic batching."""
     from caffeonnx.runtime.protocol import check_model_name
-    from caffeonnx.runtime.server import ServerConfig, listen
+    from caffeonnx.runtime.server import ServerConfig, check_descriptors, listen
     from caffeonnx.runtime.server import serve as run_server
     from caffeonnx.runtime.session import EncoderSession
 
@@ -135,10 +142,15 @@ def serve(
     if max_batch < 1 or max_delay_ms < 0 or max_body_mb <= 0 or not 0 <= port < 65536:
         raise CaffeOnnxError(f"need --max-batch >= 1, --max-delay-ms >= 0, --max-body-mb > 0 and a port in "
                              f"0..65535; got {max_batch}, {max_delay_ms}, {max_body_mb}, {port}")
+    if min(keep_alive, request_timeout, shutdown_timeout) <= 0 or max_connections < 1:
+        raise CaffeOnnxError(f"need --keep-alive, --request-timeout and --shutdown-timeout > 0 and --max-connections "
+                             f">= 1; got {keep_alive}, {request_timeout}, {shutdown_timeout}, {max_connections}")
+    check_descriptors(max_connections)
     with listen(host, port) as sock:  # a busy port fails here, before the model loads or anything says it serves
         session = EncoderSession(model, _session_config(device, threads, warmup=sorted({1, max_batch}), fp16=fp16,
                                                         tf32=tf32))
-        config = ServerConfig(name, max_batch, max_delay_ms, batching, int(max_body_mb * (1 << 20)))
+        config = ServerConfig(name, max_batch, max_delay_ms, batching, int(max_body_mb * (1 << 20)), keep_alive,
+                              request_timeout, max_connections, shutdown_timeout)
         how = f"batching up to {max_batch} rows within {max_delay_ms:g} ms" if batching else "no batching"
         port = sock.getsockname()[1]  # --port 0: the port the system chose
         err.print(f"serving model {name!r} on http://{host}:{port}/v2 ({session.describe()}; {how})",

@@ -4,10 +4,12 @@ Every other endpoint goes through Starlette; this one is called for each inferen
 request, so it reads the body, parses it (protocol.py), waits for its rows from the
 batcher and writes the response with bare ASGI messages: no per-request framework
 objects, no middleware layers.  Client faults are answered with their status and
-{"error": message}; anything else is a 500 with the traceback logged.
+{"error": message}; anything else is a 500 with the traceback logged.  A request
+still open when the graceful-shutdown timeout cancels it gets 503.
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -35,6 +37,8 @@ Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 log = logging.getLogger("caffeonnx.serve")
 INFER_PATH = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]*))?/infer$")
 _HEADER_LENGTH = HEADER_LENGTH.lower().encode()
+JSON_BYTES_PER_VALUE = 48  # a float32 written by json.dumps takes at most 26 ("-1.2345678901234567e-38, ")
+JSON_BYTES_SLACK = 64 << 10  # names, shapes, parameters and nesting
 
 
 class _ClientGone(Exception):
@@ -96,6 +100,9 @@ class InferEndpoint:
         self.batcher = batcher
         self.max_batch = max_batch
         self.max_body_bytes = max_body_bytes
+        # JSON tensors of max_batch rows fit in this; more would only be parsed into objects to be refused
+        self.max_json_bytes = (JSON_BYTES_SLACK + JSON_BYTES_PER_VALUE * max_batch * inp.sample_size
+                               if inp.static else None)
         self._on_done = on_done  # (HTTP status, seconds for a success else None) after each request
 
     def _rows(self, scope: Scope, body: bytes, headers: dict[bytes, bytes]) -> tuple[InferRequest, np.ndarray]:
@@ -110,12 +117,9 @@ class InferEndpoint:
             raise ProtocolError(f"model {name!r} has no version {version!r}; it serves version 1", 404)
         length = headers.get(_HEADER_LENGTH)
         parsed = parse_infer_request(body, length.decode("latin-1") if length is not None else None,
-                                     [self.input], [self.output])
-        rows = parsed.inputs[self.input.name]
-        if rows.shape[0] > self.max_batch:
-            raise ProtocolError(f"input {self.input.name!r} has {rows.shape[0]} rows, over this server's max batch "
-                                f"of {self.max_batch}; split the request or restart with --max-batch")
-        return parsed, rows
+                                     [self.input], [self.output], max_batch=self.max_batch,
+                                     max_json_bytes=self.max_json_bytes)
+        return parsed, parsed.inputs[self.input.name]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         start = time.perf_counter()
@@ -137,6 +141,10 @@ class InferEndpoint:
             await send_response(send, status, error_body(exc.message), {"content-type": "application/json"})
         except _ClientGone:
             status = 499  # nginx's "client closed request": nothing to answer
+        except asyncio.CancelledError:  # the graceful-shutdown timeout ran out: answer, and end this task here
+            status = 503
+            await send_response(send, 503, error_body("the server shut down before this request was answered; "
+                                                      "retry it"), {"content-type": "application/json"})
         except Exception as exc:  # a bug or a model failure: 500, logged with its traceback
             status = 500
             log.exception("infer failed")

@@ -9,7 +9,13 @@ JSON header (its byte length in the `Inference-Header-Content-Length` header)
 followed by the raw row-major bytes of each input whose `parameters` carry a
 `binary_data_size`, in input order.  Outputs are returned the same way when the
 request's `binary_data_output` parameter, or an output's `binary_data` parameter,
-asks for it.
+asks for it (JSON booleans only: the string "false" is refused, not taken as true).
+
+JSON is RFC 8259 JSON both ways: a request with NaN/Infinity tokens is not valid
+JSON (400), and a JSON output holding NaN or ±Infinity is refused with 422 naming
+the output (Triton writes bare NaN tokens, which strict JSON parsers reject);
+binary tensors carry any IEEE value.  The request is checked against pydantic
+models of the v2 schema, so a wrong type is a 400 naming the field.
 """
 from __future__ import annotations
 
@@ -18,8 +24,22 @@ import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Annotated, Any
 
 import numpy as np
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    field_validator,
+)
+from pydantic_core import PydanticCustomError, from_json
 
 from caffeonnx.errors import CaffeOnnxError
 from caffeonnx.runtime.session import TensorSpec
@@ -104,18 +124,97 @@ class InferRequest:
     outputs: dict[str, bool]  # output name -> send as binary
 
 
-def _check_shape(entry: dict, name: str) -> tuple[int, ...]:
-    shape = entry.get("shape")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
-        raise ProtocolError(f"input {name!r}: 'shape' must be a list of non-negative integers, got {shape!r}")
-    return tuple(shape)
+# The v2 request schema ($inference_request, $request_input, $request_output), with the parameters this server
+# reads typed strictly: a string "false" is not a boolean, a 400-digit number is not an int64.
+INT64_MAX = (1 << 63) - 1
+ParameterValue = StrictBool | StrictInt | StrictFloat | StrictStr  # a v2 $parameter: bool, number or string
+Count = Annotated[StrictInt, Field(ge=0, le=INT64_MAX)]
 
 
-def _input_array(entry: dict, spec: TensorSpec, binary: memoryview, offset: int) -> tuple[np.ndarray, int]:
+class _Parameters(BaseModel):
+    """A v2 `parameters` object: any names, scalar values."""
+
+    model_config = ConfigDict(extra="allow")
+    __pydantic_extra__: dict[str, ParameterValue]
+
+
+class InputParameters(_Parameters):
+    """$request_input parameters: binary_data_size says the tensor follows the JSON as raw bytes."""
+
+    binary_data_size: Count | None = None
+
+
+class OutputParameters(_Parameters):
+    """$request_output parameters: binary_data (overrides binary_data_output); classification is refused."""
+
+    binary_data: StrictBool | None = None
+    classification: Count = 0
+
+
+class RequestParameters(_Parameters):
+    """$inference_request parameters: binary_data_output, the default for every output."""
+
+    binary_data_output: StrictBool = False
+
+
+class RequestInput(BaseModel):
+    """$request_input: one input tensor, its values in `data` or in the binary section."""
+
+    name: StrictStr
+    shape: list[Count]
+    datatype: StrictStr
+    parameters: InputParameters | None = None
+    data: list[Any] | None = None  # row-major values, flat or nested; numpy checks them against the datatype
+
+    @field_validator("shape", mode="wrap")
+    @classmethod
+    def _shape(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> list[int]:
+        """One message for every bad shape, with the shape as sent."""
+        try:
+            return handler(value)
+        except ValidationError:
+            raise PydanticCustomError("shape", "'shape' must be a list of non-negative integers (int64), got {shape}",
+                                      {"shape": _brief(value)}) from None
+
+
+class RequestOutput(BaseModel):
+    """$request_output: one output wanted, binary or JSON."""
+
+    name: StrictStr
+    parameters: OutputParameters | None = None
+
+
+class InferRequestBody(BaseModel):
+    """The JSON part of POST .../infer (extra members such as Triton's `model_name` are ignored)."""
+
+    id: StrictStr | None = None
+    parameters: RequestParameters | None = None
+    inputs: list[RequestInput]
+    outputs: list[RequestOutput] | None = None
+
+
+def _brief(value: object, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def _field_error(exc: ValidationError) -> ProtocolError:
+    """The first schema violation as one line naming the field (inputs[0].datatype ...) and the value sent."""
+    errors = exc.errors(include_url=False)
+    first = errors[0]
+    loc = first["loc"]
+    if loc == () or (loc == ("inputs",) and first["type"] == "missing"):
+        return ProtocolError("the request must be a JSON object with an 'inputs' list")
+    path = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc).lstrip(".")
+    message = first["msg"] if first["type"] in ("shape", "missing") else f"{first['msg']}, got {_brief(first['input'])}"
+    more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
+    return ProtocolError(f"request field {path}: {message}{more}")
+
+
+def _input_array(entry: RequestInput, spec: TensorSpec, binary: memoryview, offset: int,
+                 max_batch: int | None) -> tuple[np.ndarray, int]:
     """One input's array from its JSON `data` or its slice of the binary section; returns the new offset."""
-    name = spec.name
-    shape = _check_shape(entry, name)
-    dt = entry.get("datatype")
+    name, shape, dt = spec.name, tuple(entry.shape), entry.datatype
     want = datatype(spec.dtype)
     if dt not in DATATYPES:
         raise ProtocolError(f"input {name!r}: unknown datatype {dt!r}; the model takes {want}")
@@ -124,12 +223,14 @@ def _input_array(entry: dict, spec: TensorSpec, binary: memoryview, offset: int)
     expect = v2_shape(spec)
     if len(shape) != len(expect) or any(e >= 0 and g != e for g, e in zip(shape, expect)):
         raise ProtocolError(f"input {name!r} has shape {list(shape)}, the model takes {expect} (-1: any size)")
+    if max_batch is not None and shape[0] > max_batch:
+        raise ProtocolError(f"input {name!r} has {shape[0]} rows, over this server's max batch of {max_batch}; "
+                            "split the request or restart with --max-batch")
     count = math.prod(shape)
-    params = entry.get("parameters") or {}
-    size = params.get("binary_data_size") if isinstance(params, dict) else None
+    size = entry.parameters.binary_data_size if entry.parameters is not None else None
     if size is not None:
         nbytes = count * spec.dtype.itemsize
-        if not isinstance(size, int) or size != nbytes:
+        if size != nbytes:
             raise ProtocolError(f"input {name!r}: binary_data_size {size!r} does not match shape {list(shape)} of "
                                 f"{dt} ({nbytes} bytes)")
         if offset + size > len(binary):
@@ -137,20 +238,29 @@ def _input_array(entry: dict, spec: TensorSpec, binary: memoryview, offset: int)
                                 f"({len(binary) - offset} bytes left)")
         array = np.frombuffer(binary[offset:offset + size], dtype=spec.dtype).reshape(shape)
         return array, offset + size
-    if "data" not in entry:
+    if entry.data is None:
         raise ProtocolError(f"input {name!r} has neither 'data' nor a binary_data_size parameter")
     try:
-        array = np.asarray(entry["data"], dtype=spec.dtype)
-    except (ValueError, TypeError) as exc:
+        array = np.asarray(entry.data, dtype=spec.dtype)
+    except (ValueError, TypeError, OverflowError) as exc:
         raise ProtocolError(f"input {name!r}: 'data' is not a list of {dt} numbers ({exc})") from None
     if array.size != count:
         raise ProtocolError(f"input {name!r}: 'data' holds {array.size} values but shape {list(shape)} needs {count}")
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        raise ProtocolError(f"input {name!r}: 'data' holds values that are not finite {dt} numbers (over its range); "
+                            "JSON carries finite numbers only: send such values as binary data")
     return array.reshape(shape), offset
 
 
 def parse_infer_request(body: bytes, header_length: str | None, inputs: Sequence[TensorSpec],
-                        outputs: Sequence[TensorSpec]) -> InferRequest:
-    """Parse a POST /v2/models/{name}/infer body (JSON, or JSON + binary tensors); ProtocolError on any fault."""
+                        outputs: Sequence[TensorSpec], *, max_batch: int | None = None,
+                        max_json_bytes: int | None = None) -> InferRequest:
+    """Parse a POST /v2/models/{name}/infer body (JSON, or JSON + binary tensors); ProtocolError on any fault.
+
+    The JSON part is RFC 8259 JSON (no NaN/Infinity tokens) of at most `max_json_bytes` bytes, parsed by
+    pydantic-core's parser, which stops at 200 levels of nesting instead of recursing on; then checked
+    against the v2 schema (InferRequestBody) and the model's tensors.
+    """
     view = memoryview(body)
     if header_length is not None:
         try:
@@ -162,41 +272,44 @@ def parse_infer_request(body: bytes, header_length: str | None, inputs: Sequence
         head, binary = view[:json_len], view[json_len:]
     else:
         head, binary = view, view[len(body):]
+    if max_json_bytes is not None and len(head) > max_json_bytes:
+        raise ProtocolError(f"the JSON part of the request is {len(head)} bytes, over the {max_json_bytes} bytes "
+                            "that a request of this server's max batch can need; send binary tensors or fewer rows",
+                            413)
     try:
-        request = json.loads(bytes(head))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        document = from_json(body if len(head) == len(body) else bytes(head), allow_inf_nan=False)
+    except ValueError as exc:
         raise ProtocolError(f"the request body is not valid JSON ({exc})") from None
-    if not isinstance(request, dict) or not isinstance(request.get("inputs"), list):
-        raise ProtocolError("the request must be a JSON object with an 'inputs' list")
+    try:
+        request = InferRequestBody.model_validate(document)
+    except ValidationError as exc:
+        raise _field_error(exc) from None
     specs = {s.name: s for s in inputs}
     arrays: dict[str, np.ndarray] = {}
     offset = 0
-    for entry in request["inputs"]:
-        name = entry.get("name") if isinstance(entry, dict) else None
-        if name not in specs:
-            raise ProtocolError(f"unknown input {name!r}; the model takes {sorted(specs)}")
-        if name in arrays:
-            raise ProtocolError(f"input {name!r} is given twice")
-        arrays[name], offset = _input_array(entry, specs[name], binary, offset)
+    for entry in request.inputs:
+        if entry.name not in specs:
+            raise ProtocolError(f"unknown input {entry.name!r}; the model takes {sorted(specs)}")
+        if entry.name in arrays:
+            raise ProtocolError(f"input {entry.name!r} is given twice")
+        arrays[entry.name], offset = _input_array(entry, specs[entry.name], binary, offset, max_batch)
     missing = sorted(set(specs) - set(arrays))
     if missing:
         raise ProtocolError(f"missing input(s) {missing}")
     if offset != len(binary):
         raise ProtocolError(f"the body has {len(binary) - offset} binary bytes that no input claims")
-    params = request.get("parameters") or {}
-    binary_default = bool(params.get("binary_data_output", False)) if isinstance(params, dict) else False
+    binary_default = request.parameters.binary_data_output if request.parameters is not None else False
     names = [o.name for o in outputs]
     wanted: dict[str, bool] = {}
-    for entry in request.get("outputs") or [{"name": n} for n in names]:
-        name = entry.get("name") if isinstance(entry, dict) else None
-        if name not in names:
-            raise ProtocolError(f"unknown output {name!r}; the model has {names}")
-        p = entry.get("parameters") or {}
-        if isinstance(p, dict) and p.get("classification"):
+    for out in request.outputs if request.outputs is not None else [RequestOutput(name=n) for n in names]:
+        if out.name not in names:
+            raise ProtocolError(f"unknown output {out.name!r}; the model has {names}")
+        params = out.parameters
+        if params is not None and params.classification:
             raise ProtocolError("the classification extension is not supported; request the raw output")
-        wanted[name] = bool(p.get("binary_data", binary_default)) if isinstance(p, dict) else binary_default
-    request_id = request.get("id")
-    return InferRequest(str(request_id) if request_id is not None else None, arrays, wanted)
+        binary_out = params.binary_data if params is not None else None
+        wanted[out.name] = binary_default if binary_out is None else binary_out
+    return InferRequest(request.id, arrays, wanted)
 
 
 def infer_response(model: str, request: InferRequest, results: dict[str, np.ndarray]) -> tuple[bytes, dict[str, str]]:
@@ -210,12 +323,17 @@ def infer_response(model: str, request: InferRequest, results: dict[str, np.ndar
             entry["parameters"] = {"binary_data_size": len(raw)}
             chunks.append(raw)
         else:
+            if array.dtype.kind == "f" and not np.isfinite(array).all():
+                bad = int(array.size - np.count_nonzero(np.isfinite(array)))
+                raise ProtocolError(f"output {name!r} holds {bad} non-finite value(s) (NaN or ±Infinity), which JSON "
+                                    "cannot carry; request it as binary data (\"binary_data\": true) to receive them",
+                                    422)
             entry["data"] = array.reshape(-1).tolist()
         entries.append(entry)
     response: dict = {"model_name": model, "model_version": "1", "outputs": entries}
     if request.id is not None:
         response["id"] = request.id
-    head = json.dumps(response, separators=(",", ":")).encode()
+    head = json.dumps(response, separators=(",", ":"), allow_nan=False).encode()
     if not chunks:
         return head, {"content-type": "application/json"}
     return b"".join([head, *chunks]), {"content-type": "application/octet-stream", HEADER_LENGTH: str(len(head))}
