@@ -182,10 +182,18 @@ def prelu(node: NodeSpec) -> Kernel:
 def clip(node: NodeSpec) -> Kernel:
     """Clip: clamp to [min, max]; an omitted bound is open."""
     lo_attr, hi_attr = node.attr("min"), node.attr("max")  # opset < 11 attributes
+    # Bounds known at build time clamp with torch.clamp, whose gradient passes on the bounds
+    # themselves (Caffe's ClipLayer: min <= x <= max); maximum/minimum would halve it there.
+    lo_const, hi_const = node.const(1), node.const(2)
+    if lo_const is not None and lo_const.size == 1:
+        lo_attr = float(lo_const.reshape(()))
+    if hi_const is not None and hi_const.size == 1:
+        hi_attr = float(hi_const.reshape(()))
+    static = (not node.has_input(1) or lo_const is not None) and (not node.has_input(2) or hi_const is not None)
 
     def run(x: Tensor, lo: Tensor | None = None, hi: Tensor | None = None) -> Tensor:
-        lo_v = lo if lo is not None else lo_attr
-        hi_v = hi if hi is not None else hi_attr
+        lo_v = lo_attr if static or lo is None else lo
+        hi_v = hi_attr if static or hi is None else hi
         if isinstance(lo_v, Tensor) or isinstance(hi_v, Tensor):
             if lo_v is not None:
                 x = torch.maximum(x, torch.as_tensor(lo_v, dtype=x.dtype, device=x.device))
