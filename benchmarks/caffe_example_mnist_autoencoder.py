@@ -9,7 +9,6 @@ test forwards, training iterations and LMDB reading.  Writes benchmarks/results/
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import os
 import platform
@@ -22,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from trainer_mnist_autoencoder import plain_net
 
 from caffeonnx.data.lmdb_writer import write_datum_lmdb
 from caffeonnx.runtime.inputs import open_samples
@@ -30,7 +30,6 @@ from caffeonnx.trainer.session import TrainOptions, run_training
 ROOT = Path(__file__).resolve().parent
 REPO = ROOT.parent
 MNIST = REPO.parent / "shared" / "data" / "mnist"
-SIZES = [784, 1000, 500, 250, 30]
 
 
 def caffe_root(where: Path) -> Path:
@@ -44,17 +43,7 @@ def caffe_root(where: Path) -> Path:
 
 def eager_program(train_batches: list[np.ndarray], test_batches: list[np.ndarray]) -> float:
     """The same run in plain torch: 600 no-grad test forwards, then 60 SGD (momentum, L2) iterations; seconds."""
-    dims = SIZES + SIZES[-2::-1]
-    layers: list[nn.Module] = []
-    for k, (a, b) in enumerate(itertools.pairwise(dims)):
-        layers.append(nn.Linear(a, b))
-        if k not in (3, 7):
-            layers.append(nn.Sigmoid())
-    net = nn.Sequential(*layers)
-    weights = [m.weight for m in net if isinstance(m, nn.Linear)]
-    biases = [m.bias for m in net if isinstance(m, nn.Linear)]
-    opt = torch.optim.SGD([{"params": weights, "weight_decay": 0.0005}, {"params": biases, "weight_decay": 0.0}],
-                          lr=0.01, momentum=0.9)
+    net, opt = plain_net()
     bce = nn.BCEWithLogitsLoss(reduction="sum")
     start = time.perf_counter()
     with torch.no_grad():

@@ -71,17 +71,12 @@ SOLVER = caffe_pb2.SolverParameter(base_lr=0.01, lr_policy="step", gamma=0.1, st
                                    weight_decay=0.0005, max_iter=65000)
 
 
-def plain_torch(module: GraphModule) -> tuple[nn.Module, torch.optim.Optimizer]:
-    """The same net as nn.Linear/nn.Sigmoid with torch.optim.SGD, starting from the same weights."""
+def plain_net() -> tuple[nn.Sequential, torch.optim.Optimizer]:
+    """Caffe's mnist_autoencoder as nn.Linear/nn.Sigmoid with torch.optim.SGD (momentum 0.9, L2 on the weights)."""
     layers: list[nn.Module] = []
     dims = SIZES + SIZES[-2::-1]
     for k, (a, b) in enumerate(itertools.pairwise(dims)):
-        lin = nn.Linear(a, b)
-        name = f"encode{k + 1}" if k < 4 else f"decode{8 - k}"
-        with torch.no_grad():
-            lin.weight.copy_(module.parameter(f"{name}.weight"))
-            lin.bias.copy_(module.parameter(f"{name}.bias"))
-        layers.append(lin)
+        layers.append(nn.Linear(a, b))
         if k not in (3, 7):
             layers.append(nn.Sigmoid())
     net = nn.Sequential(*layers)
@@ -89,6 +84,18 @@ def plain_torch(module: GraphModule) -> tuple[nn.Module, torch.optim.Optimizer]:
     biases = [m.bias for m in net if isinstance(m, nn.Linear)]
     opt = torch.optim.SGD([{"params": weights, "weight_decay": 0.0005}, {"params": biases, "weight_decay": 0.0}],
                           lr=0.01, momentum=0.9)
+    return net, opt
+
+
+def plain_torch(module: GraphModule) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """`plain_net` starting from `module`'s weights."""
+    net, opt = plain_net()
+    linears = [m for m in net if isinstance(m, nn.Linear)]
+    for k, lin in enumerate(linears):
+        name = f"encode{k + 1}" if k < 4 else f"decode{8 - k}"
+        with torch.no_grad():
+            lin.weight.copy_(module.parameter(f"{name}.weight"))
+            lin.bias.copy_(module.parameter(f"{name}.bias"))
     return net, opt
 
 

@@ -9,6 +9,7 @@ parsed by protobuf, and each blob's packed float payload becomes a zero-copy
 from __future__ import annotations
 
 import codecs
+import math
 import mmap
 import os
 import stat
@@ -57,18 +58,36 @@ class CaffeWeights:
 
 def undecodable_text(message: Message, path: str = "") -> str | None:
     """The path of the first string field whose bytes are not UTF-8 (protobuf returns those as bytes), else None."""
-    for field, value in message.ListFields():
-        values = value if field.is_repeated else [value]
-        where = f"{path}.{field.name}" if path else field.name
+    for descriptor, value in message.ListFields():
+        values = value if descriptor.is_repeated else [value]
+        where = f"{path}.{descriptor.name}" if path else descriptor.name
         for i, item in enumerate(values):
-            here = f"{where}[{i}]" if field.is_repeated else where
-            if field.type == FieldDescriptor.TYPE_STRING and not isinstance(item, str):
+            here = f"{where}[{i}]" if descriptor.is_repeated else where
+            if descriptor.type == FieldDescriptor.TYPE_STRING and not isinstance(item, str):
                 return here
-            if field.type == FieldDescriptor.TYPE_MESSAGE:
+            if descriptor.type == FieldDescriptor.TYPE_MESSAGE:
                 found = undecodable_text(item, here)
                 if found is not None:
                     return found
     return None
+
+
+def read_blob_file(path: str | os.PathLike[str], what: str) -> np.ndarray:
+    """A binaryproto file (one BlobProto: a mean image, an infogain matrix) as a float32 array of its shape.
+
+    Legacy num/channels/height/width dims are read as a 4-D shape; `what` names the file in errors
+    (e.g. "layer 'loss' (InfogainLoss): infogain_loss_param.source").
+    """
+    p = check_input_file(path, what)
+    try:
+        blob = caffe_pb2.BlobProto.FromString(p.read_bytes())
+    except DecodeError as exc:
+        raise InputFileError(f"{what} {str(path)!r} is not a BlobProto ({exc})") from None
+    dims = list(blob.shape.dim) if blob.HasField("shape") else [blob.num, blob.channels, blob.height, blob.width]
+    values = np.asarray(blob.data if len(blob.data) else blob.double_data, dtype=np.float32)
+    if values.size != math.prod(dims):
+        raise InputFileError(f"{what} {str(path)!r} has shape {dims} but holds {values.size} values")
+    return values.reshape(dims)
 
 
 def check_input_file(path: str | os.PathLike[str], what: str) -> Path:

@@ -21,25 +21,17 @@ from pathlib import Path
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
+from caffeonnx.converter.caffe_io import read_blob_file
 from caffeonnx.errors import DataError, InputFileError
 from caffeonnx.proto import caffe_pb2
 
 
 def read_mean_file(path: str | Path, where: str) -> np.ndarray:
     """A binaryproto mean image (BlobProto, as compute_image_mean writes it) as a (C, H, W) float32 array."""
-    p = Path(path)
-    if not p.is_file():
-        raise InputFileError(f"{where}: transform_param.mean_file {str(path)!r} does not exist; check the path "
-                             "(Caffe reads it relative to the current directory)")
-    try:
-        blob = caffe_pb2.BlobProto.FromString(p.read_bytes())
-    except Exception as exc:  # noqa: BLE001 - protobuf's DecodeError: reported as a bad file
-        raise InputFileError(f"{where}: mean_file {str(path)!r} is not a BlobProto ({exc})") from None
-    dims = list(blob.shape.dim) if blob.HasField("shape") else [blob.num, blob.channels, blob.height, blob.width]
-    values = np.asarray(blob.data if len(blob.data) else blob.double_data, dtype=np.float32)
-    if values.size != int(np.prod(dims)) or len(dims) < 3:
-        raise InputFileError(f"{where}: mean_file {str(path)!r} has shape {dims} but holds {values.size} values")
-    return values.reshape(dims[-3:])
+    values = read_blob_file(path, f"{where}: transform_param.mean_file")
+    if values.ndim < 3:
+        raise InputFileError(f"{where}: mean_file {str(path)!r} has shape {list(values.shape)}, not (1,) C, H, W")
+    return values.reshape(values.shape[-3:])
 
 
 class DataTransformer:

@@ -10,10 +10,10 @@ softmax.  Autograd differs from Caffe's backward only where a probability is bel
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 
+from caffeonnx.converter.caffe_io import read_blob_file
 from caffeonnx.converter.context import LayerContext
 from caffeonnx.converter.layers.loss import (
     Mode,
@@ -30,27 +30,7 @@ from caffeonnx.converter.layers.loss import (
 )
 from caffeonnx.converter.layers.multinomial_logistic_loss import LOG_THRESHOLD
 from caffeonnx.converter.registry import register_layer
-from caffeonnx.errors import InputFileError
 from caffeonnx.proto import caffe_pb2
-
-
-def read_infogain(path: str, ctx: LayerContext) -> np.ndarray:
-    """The infogain matrix stored at `path` (a BlobProto, e.g. numpy's array_to_blobproto) as float32 values."""
-    p = Path(path)
-    if not p.is_file():
-        raise InputFileError(f"layer {ctx.name!r} (InfogainLoss): infogain_loss_param.source {path!r} does not exist; "
-                             "check the path (Caffe reads it relative to the current directory)")
-    try:
-        blob = caffe_pb2.BlobProto.FromString(p.read_bytes())
-    except Exception as exc:  # noqa: BLE001 - protobuf's DecodeError: reported as a bad file
-        raise InputFileError(f"layer {ctx.name!r} (InfogainLoss): infogain_loss_param.source {path!r} is not a "
-                             f"BlobProto ({exc})") from None
-    dims = list(blob.shape.dim) if blob.HasField("shape") else [blob.num, blob.channels, blob.height, blob.width]
-    values = np.asarray(blob.data if len(blob.data) else blob.double_data, dtype=np.float32)
-    if values.size != math.prod(dims):
-        raise InputFileError(f"layer {ctx.name!r} (InfogainLoss): infogain_loss_param.source {path!r} has shape "
-                             f"{dims} but holds {values.size} values")
-    return values
 
 
 @register_layer("InfogainLoss", bottoms=(2, 3), tops=(1, 2), auto_top=True)
@@ -72,7 +52,8 @@ def convert_infogain_loss(layer: caffe_pb2.LayerParameter, ctx: LayerContext) ->
         if not ip.HasField("source"):
             raise ctx.error("Infogain matrix source must be specified: give infogain_loss_param { source: "
                             '"H.binaryproto" } or the matrix as a third bottom')
-        values = read_infogain(ip.source, ctx)
+        values = read_blob_file(ip.source, f"layer {ctx.name!r} (InfogainLoss): infogain_loss_param.source")
+        values = values.ravel()
         h_count = values.size
         h = ctx.const(values.reshape(classes, classes) if h_count == classes * classes else values, "infogain")
     if h_count != classes * classes:
