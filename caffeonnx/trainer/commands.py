@@ -80,7 +80,9 @@ def train(
         "--max-iter", help="Stop after N iterations; the lr schedule still uses the solver's max_iter.")] = None,
     output: Annotated[Path | None, typer.Option(
         "-o", "--output", help="Write PREFIX.caffemodel and PREFIX.onnx at the end.")] = None,
-    log: Annotated[Path | None, typer.Option("--log", help="Append one JSON line per iteration (and test).")] = None,
+    log: Annotated[Path | None, typer.Option(
+        "--log", "--log-file", help="Append one JSON line per iteration (and test); under torchrun spell it "
+                                   "--log-file (torchrun takes --log for its --log-dir).")] = None,
     device: Annotated[str, typer.Option("--device", help="auto (CUDA when available), cpu or cuda.")] = "auto",
     gpu: Annotated[str | None, typer.Option(
         "--gpu", help="Caffe's --gpu: N trains on CUDA device N (all: several GPUs, not available yet).")] = None,
@@ -102,9 +104,21 @@ def train(
         "--png/--no-png", help="Write filters, input/reconstruction pairs and the loss curve as PNGs beside "
                                "snapshots and -o outputs.")] = True,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    shard: Annotated[str, typer.Option(
+        "--shard", help="Under torchrun: how ranks split the TRAIN data. skip: rank r reads items r, r+N, ... of "
+                        "one stream (Caffe's DataLayer::Skip); contiguous: rank r reads the r-th sub-batch, so N "
+                        "ranks equal one process with iter_size × N.")] = "skip",
+    dist_timeout: Annotated[float, typer.Option(
+        "--dist-timeout", help="Under torchrun: seconds a rank waits for the others in a collective before all "
+                               "stop (a dead or hung rank). Must exceed rank 0's longest test or snapshot.")] = 300.0,
 ) -> None:
-    """Train a Caffe net with Caffe's solver semantics (exact updates, lr policies, snapshots)."""
+    """Train a Caffe net with Caffe's solver semantics (exact updates, lr policies, snapshots).
+
+    Under `torchrun --nproc_per_node N -m caffeonnx train ...` the N ranks train data-parallel as Caffe's multi-GPU
+    training does (gradients averaged over ranks; rank 0 tests and writes every file).
+    """
     from caffeonnx.trainer.build import load_solver
+    from caffeonnx.trainer.distributed import environment
     from caffeonnx.trainer.session import TrainOptions, run_training
 
     if (solver is None) == (solver_option is None):
@@ -113,12 +127,14 @@ def train(
     solver_path = solver if solver is not None else solver_option
     assert solver_path is not None
     schedule_end = load_solver(solver_path).max_iter
+    ranks = environment(dist_timeout, shard)
+    root = ranks is None or ranks.root
     opts = TrainOptions(solver_path, weights, snapshot, data, test_data, max_iter, output, log, _device(device, gpu),
                         deterministic, wta or [], stacked or [], stacked_iters, png,
-                        threads if threads is not None else default_threads())
+                        threads if threads is not None else default_threads(), shard, dist_timeout)
     columns = [TextColumn("iter"), MofNCompleteColumn(), BarColumn(), TextColumn("{task.fields[status]}"),
                TimeElapsedColumn()]
-    bar = Progress(*columns, console=err, disable=quiet, transient=False)
+    bar = Progress(*columns, console=err, disable=quiet or not root, transient=False)
     task = bar.add_task("train", total=max_iter if max_iter is not None else schedule_end, status="")
     first = True
 
@@ -141,6 +157,8 @@ def train(
     summary = f"trained {len(result.iterations)} iteration(s) in {result.seconds:.1f}s"
     if last is not None:
         summary += f", last loss {last.loss:.6g} (smoothed {last.smoothed_loss:.6g})"
+    if ranks is not None and not ranks.root:
+        summary = f"rank {ranks.rank} of {ranks.world}: {summary} (rank 0 writes the files)"
     written = [str(p) for s in result.snapshots for p in (s.caffemodel, s.onnx, s.solverstate)]
     written += [str(p) for p in result.outputs if p.suffix != ".png"]
     pngs = [p for p in result.outputs if p.suffix == ".png"]

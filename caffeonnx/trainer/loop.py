@@ -29,6 +29,7 @@ from torch import nn
 from caffeonnx.errors import SolverError, TrainingDiverged
 from caffeonnx.proto import caffe_pb2
 from caffeonnx.trainer.data import DataSource
+from caffeonnx.trainer.distributed import Synchronizer
 from caffeonnx.trainer.graph_module import GraphModule, ParamInfo
 from caffeonnx.trainer.solvers import SGDSolver, make_solver
 
@@ -75,15 +76,18 @@ class Trainer:
     """A GraphModule, a Caffe solver and a batch source, stepped as Caffe's Solver::Step.
 
     By default the objective is the net's own (Σ loss_weight·loss) and every learnable blob
-    is updated; stacked training passes its phase objective and the blobs it trains.
+    is updated; stacked training passes its phase objective and the blobs it trains.  Under
+    torchrun `sync` joins the ranks between the passes and the update (distributed.py).
     """
 
     def __init__(self, module: GraphModule, param: caffe_pb2.SolverParameter, data: DataSource,
                  source: str = "solver", objective: Objective | None = None,
-                 blobs: Sequence[tuple[ParamInfo, nn.Parameter]] | None = None) -> None:
+                 blobs: Sequence[tuple[ParamInfo, nn.Parameter]] | None = None,
+                 sync: Synchronizer | None = None) -> None:
         self.module = module.train()
         self.param = param
         self.data = data
+        self.sync = sync
         self.solver: SGDSolver = make_solver(param, module.named_blobs() if blobs is None else blobs, source)
         self.outputs = module.loss_outputs()
         self.objective = objective or self.net_objective
@@ -151,13 +155,20 @@ class Trainer:
             for _, p in self.solver.blobs:
                 p.grad = None
             total, tops = self.passes(size)
-            loss_value = float(total) / size
+            ranks = 1
+            if self.sync is not None:  # every rank logs and checks the loss of all ranks' passes
+                self.sync.iteration = self.iter
+                total, tops = self.sync.agree(total, tops)
+                ranks = self.sync.ranks.world
+            loss_value = float(total) / (size * ranks)
             if not math.isfinite(loss_value):
                 raise TrainingDiverged(
                     f"the loss is {loss_value} at iteration {self.iter} (tops: {tops}); stopped before updating, so "
                     "the weights and snapshots are the last finite ones. Lower base_lr or set clip_gradients"
                 )
             smoothed = self.smoothed.update(loss_value, self.iter)
+            if self.sync is not None:
+                self.sync.reduce_gradients(self.solver.blobs)
             rate = self.solver.apply_update()
             record = Iteration(self.iter - 1, loss_value, smoothed, rate, tops)
             done.append(record)
@@ -198,7 +209,8 @@ class StopSignals:
             yield self
         finally:
             for s, handler in previous.items():
-                signal.signal(s, handler)
+                if signal.getsignal(s) == self.handle:  # a failed collective may have set SIG_IGN: keep it
+                    signal.signal(s, handler)
 
     @property
     def name(self) -> str:

@@ -4,6 +4,9 @@ Order of events per iteration, as in Caffe: test (every test_interval, at 0 only
 test_initialization), the iteration itself, then a snapshot every `snapshot`
 iterations.  At the end: a last test (when iter is a multiple of test_interval), a snapshot
 (snapshot_after_train), then the -o outputs.
+
+Under torchrun (distributed.py) every rank runs this same loop on its shard of the TRAIN data;
+rank 0 alone tests, logs, writes snapshots, pictures and outputs, as Caffe's root solver does.
 """
 from __future__ import annotations
 
@@ -26,11 +29,21 @@ from caffeonnx.converter.upgrade import upgrade_net
 from caffeonnx.errors import CaffeOnnxError, DataError, SolverError
 from caffeonnx.proto import caffe_pb2
 from caffeonnx.trainer.build import TrainNet, build_module, load_solver, read_weights, resolve_path, train_net
-from caffeonnx.trainer.data import DataSource, input_shapes, load_source, net_source, transforms_of
+from caffeonnx.trainer.data import DataSource, ShardedSource, input_shapes, load_source, net_source, transforms_of
+from caffeonnx.trainer.distributed import Synchronizer, environment, process_group, rank_device
 from caffeonnx.trainer.graph_module import GraphModule
 from caffeonnx.trainer.loop import Iteration, StopSignals, Trainer
-from caffeonnx.trainer.snapshot import (SnapshotFiles, check_log, check_snapshot_prefix, clean_stale_temps, export_onnx,
-                                        resume, snapshot_files, write_snapshot)
+from caffeonnx.trainer.snapshot import (
+    SnapshotFiles,
+    check_log,
+    check_snapshot_prefix,
+    clean_stale_temps,
+    export_onnx,
+    resume,
+    rng_extras,
+    snapshot_files,
+    write_snapshot,
+)
 from caffeonnx.trainer.solvers import check_solver
 from caffeonnx.trainer.stacked import parse_pairs, train_stacked
 from caffeonnx.trainer.visualize import write_pictures
@@ -58,6 +71,8 @@ class TrainOptions:
     stacked_iters: int | None = None  # iterations per greedy phase (default: the solver's max_iter)
     pictures: bool = True  # PNGs (filters, reconstructions, loss curve) beside snapshots and outputs
     threads: int | None = None  # torch intra-op CPU threads while training (None: leave torch's setting)
+    shard: str = "skip"  # under torchrun: TRAIN data split as Caffe's DataLayer::Skip, or "contiguous" sub-batches
+    dist_timeout: float = 300.0  # under torchrun: seconds a collective waits for the other ranks
 
 
 @dataclass
@@ -244,6 +259,7 @@ def run_training(opts: TrainOptions, say: Say = print, progress: Progress | None
     """Train as `caffe train` would, with caffeonnx's additions (data files, .onnx, JSONL log)."""
     if opts.threads is not None and opts.threads < 1:
         raise CaffeOnnxError(f"--threads must be a positive number of CPU threads, got {opts.threads}")
+    ranks = environment(opts.dist_timeout, opts.shard)
     previous, previous_threads = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
     if opts.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for repeatable GEMMs
@@ -251,13 +267,20 @@ def run_training(opts: TrainOptions, say: Say = print, progress: Progress | None
     if opts.threads is not None:
         torch.set_num_threads(opts.threads)
     try:
-        return _train(opts, say, progress)
+        device = pick_device(opts.device)
+        if ranks is None:
+            return _train(opts, say, progress, device, None)
+        device = rank_device(device, ranks)
+        with process_group(ranks, device):
+            return _train(opts, say if ranks.root else (lambda _: None), progress if ranks.root else None, device,
+                          Synchronizer(ranks))
     finally:
         torch.use_deterministic_algorithms(previous)
         torch.set_num_threads(previous_threads)
 
 
-def _train(opts: TrainOptions, say: Say, progress: Progress | None) -> TrainResult:
+def _train(opts: TrainOptions, say: Say, progress: Progress | None, device: torch.device,
+           sync: Synchronizer | None) -> TrainResult:
     param = load_solver(opts.solver)
     warnings = check_solver(param, str(opts.solver))
     tn = train_net(param, opts.solver)
@@ -267,43 +290,56 @@ def _train(opts: TrainOptions, say: Say, progress: Progress | None) -> TrainResu
         raise SolverError("--stacked starts from the initial weights; resume the fine-tuning with --snapshot alone")
     if opts.max_iter is not None and opts.max_iter < 0:
         raise SolverError(f"--max-iter must be >= 0, got {opts.max_iter}")
+    if opts.stacked and sync is not None:
+        raise SolverError("--stacked under torchrun is not available yet: run the greedy phases in one process "
+                          "(-o PREFIX), then fine-tune under torchrun with --weights PREFIX.caffemodel")
+    rank, world = (sync.ranks.rank, sync.ranks.world) if sync is not None else (0, 1)
+    root = rank == 0
     for warning in warnings:
         say(f"warning: {warning}")
     prefix = param.snapshot_prefix or str(opts.solver.with_suffix(""))
-    if param.snapshot or param.snapshot_after_train:
+    if root and (param.snapshot or param.snapshot_after_train):
         check_snapshot_prefix(prefix)
-    if opts.log is not None:
+    if root and opts.log is not None:
         check_log(opts.log)
-    for stale in clean_stale_temps(prefix):
+    for stale in clean_stale_temps(prefix) if root else []:
         say(f"note: removed {stale}, left by an interrupted snapshot write")
-    device = pick_device(opts.device)
     seed = int(param.random_seed) if param.random_seed >= 0 else 0
-    torch.manual_seed(seed)
+    torch.manual_seed(seed + rank)  # Caffe's Solver::Init: random_seed + solver_rank
     weights_path = opts.weights or (Path(param.weights[0]) if param.weights else None)
     weights = read_weights(weights_path) if weights_path is not None else None
     wta = take_wta_layers(tn.net, tn.source) + [parse_wta(text) for text in opts.wta]
     module = build_module(tn, weights, seed)
+    if rank:  # each rank's Dropout draws its own masks (the fillers are overwritten by rank 0's broadcast)
+        module.seed = seed + rank
+        module.generator = torch.Generator().manual_seed(seed + rank)
     for value in apply_wta(module, wta):
         say(f"winner-take-all sparsity on {value!r} while training (inference and exports stay dense)")
     for note in tn.notes:
         say(f"note: {note}")
     data = _data_source(opts.data, module, tn, "train", say, seed)
+    if sync is not None:
+        data = ShardedSource(data, rank, world, sync.ranks.shard)
+        say(f"{world} ranks: {sync.ranks.shard} shards of the TRAIN data, effective batch {world} × "
+            f"{next(iter(data.shapes.values()))[0]} × iter_size {param.iter_size}")
     module.to(device)
     if opts.stacked:
         phase_iters = opts.stacked_iters if opts.stacked_iters is not None else param.max_iter
         train_stacked(module, param, data, parse_pairs(opts.stacked), phase_iters, str(opts.solver), say)
         say("stacked phases done: fine-tuning the whole net")
-    trainer = Trainer(module, param, data, str(opts.solver))
+    trainer = Trainer(module, param, data, str(opts.solver), sync=sync)
     if opts.snapshot is not None:
-        for note in resume(trainer, opts.snapshot):
+        for note in resume(trainer, opts.snapshot, rank, world):
             say(f"note: {note}")
         say(f"resumed from {opts.snapshot} at iteration {trainer.iter}")
-    tests = _test_nets(param, opts.solver, tn, module, opts.test_data, device, say)
+    if sync is not None:
+        sync.broadcast(list(module.params))
+    tests = _test_nets(param, opts.solver, tn, module, opts.test_data, device, say) if root else []
     for net in tests:
         net.cursor = count_tests_before(param, trainer.iter) * net.iters
     export = _export_model(tn, module, param, say)
     result = TrainResult()
-    batch = next(iter(data.shapes.values()))[0] * param.iter_size
+    batch = next(iter(data.shapes.values()))[0] * param.iter_size * world
     stop = trainer.iter + opts.max_iter if opts.max_iter is not None else param.max_iter
     trainer.solver.lr.check_until(stop)
 
@@ -311,14 +347,19 @@ def _train(opts: TrainOptions, say: Say, progress: Progress | None) -> TrainResu
         if opts.pictures:
             result.outputs += write_pictures(at, module, data.batch(0), result.iterations)
 
-    def snapshot() -> SnapshotFiles:
-        files = write_snapshot(trainer, prefix, export)
-        result.snapshots.append(files)
-        pictures(f"{prefix}_iter_{trainer.iter}")
-        return files
+    last_snapshot: int | None = None
+
+    def snapshot() -> None:
+        nonlocal last_snapshot
+        rngs = (sync.gather_objects(rng_extras(trainer), "gathering the ranks' random generators for a snapshot")
+                if sync is not None else None)  # every rank joins; rank 0 writes
+        last_snapshot = trainer.iter
+        if root:
+            result.snapshots.append(write_snapshot(trainer, prefix, export, rngs))
+            pictures(f"{prefix}_iter_{trainer.iter}")
 
     with contextlib.ExitStack() as stack:
-        log = stack.enter_context(open(opts.log, "a")) if opts.log else None
+        log = stack.enter_context(open(opts.log, "a")) if opts.log and root else None
 
         def emit(record: dict) -> None:
             if log is not None:
@@ -337,11 +378,18 @@ def _train(opts: TrainOptions, say: Say, progress: Progress | None) -> TrainResu
                     + ", ".join(f"{k} = {v:.6g}" for k, v in entry["outputs"].items()))
 
         start = time.perf_counter()
-        stopper = StopSignals(lambda: trainer.in_passes)
+        # Under torchrun a second signal does not discard the iteration: the other ranks wait for this one.
+        stopper = StopSignals(lambda: trainer.in_passes and sync is None)
         discarded = False
+
+        def stopping() -> bool:  # ranks stop together, at the boundary after the iteration that saw a signal
+            return bool(sync.stop_signal) if sync is not None else stopper.signum is not None
+
+        if sync is not None:
+            sync.local_signal = lambda: stopper.signum or 0
         with stopper.installed():
             try:
-                while trainer.iter < stop and stopper.signum is None:
+                while trainer.iter < stop and not stopping():
                     if tests and trainer.iter % param.test_interval == 0 and (trainer.iter > 0
                                                                               or param.test_initialization):
                         test_now()
@@ -361,9 +409,11 @@ def _train(opts: TrainOptions, say: Say, progress: Progress | None) -> TrainResu
                 stopper.signum = stopper.signum or signal.SIGINT
             finally:
                 result.seconds = time.perf_counter() - start
+            if sync is not None:  # what the ranks agreed on; a signal after the last agreement comes too late
+                stopper.signum = sync.stop_signal or None
             if stopper.signum is not None:  # between two iterations: snapshot that state (still deferring signals)
                 files = snapshot_files(prefix, trainer.iter)
-                kept = bool(result.snapshots) and result.snapshots[-1] == files
+                kept = last_snapshot == trainer.iter
                 if not kept:
                     snapshot()
                 say(f"{'interrupted' if stopper.signum == signal.SIGINT else 'terminated'} by {stopper.name} at "
@@ -377,7 +427,10 @@ def _train(opts: TrainOptions, say: Say, progress: Progress | None) -> TrainResu
             test_now()
     if param.snapshot_after_train and (not param.snapshot or trainer.iter % param.snapshot != 0) and result.iterations:
         snapshot()
-    if opts.output is not None:
+    if sync is not None:
+        digest = sync.check_replicas(trainer.solver.blobs, trainer.solver.history_arrays())
+        say(f"all {world} ranks end with identical weights and solver history (blake2b {digest})")
+    if opts.output is not None and root:
         model_path, onnx_path = Path(f"{opts.output}.caffemodel"), Path(f"{opts.output}.onnx")
         module.save_caffemodel(model_path)
         export_onnx(export, trainer, onnx_path)

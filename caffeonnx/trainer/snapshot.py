@@ -4,7 +4,8 @@ The .solverstate is Caffe's own SolverState (iter, learned_net, history, current
 so `caffe train --snapshot` can resume it too and we can resume Caffe's.  What Caffe
 does not store but an exact continuation needs (the smoothed-loss window, the dropout
 RNG) goes beside it in PREFIX_iter_N.solverstate.json; without that file a resume is
-still exact in weights and updates, only the smoothed loss restarts, as in Caffe.
+still exact in weights and updates, only the smoothed loss restarts, as in Caffe.  A run under
+torchrun stores every rank's generators there ("rng_ranks"), so each rank resumes its own Dropout.
 
 A snapshot is written as a set: every file goes to a hidden temporary beside its target
 (fileio's naming, `.NAME.XXXXXXXX.tmp`), and only when all of them are on disk are they
@@ -89,8 +90,10 @@ def rng_extras(trainer: Trainer) -> dict:
             "torch_cpu": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()}
 
 
-def write_snapshot(trainer: Trainer, prefix: str | os.PathLike[str], export: ConvertedModel) -> SnapshotFiles:
-    """Snapshot the current iteration as one set: caffemodel, ONNX, Caffe solverstate and the trainer's extras.
+def write_snapshot(trainer: Trainer, prefix: str | os.PathLike[str], export: ConvertedModel,
+                   rng_ranks: list[object] | None = None) -> SnapshotFiles:
+    """Snapshot the current iteration as one set: caffemodel, ONNX, Caffe solverstate and the trainer's extras
+    (with `rng_ranks`, every rank's `rng_extras` under torchrun).
 
     Raises CaffeOnnxError (one line) when the set cannot be written; then none of its files exist.
     """
@@ -103,6 +106,8 @@ def write_snapshot(trainer: Trainer, prefix: str | os.PathLike[str], export: Con
                           "value": trainer.smoothed.value, "start_iter": trainer.smoothed.start_iter},
         "rng": rng_extras(trainer),
     }
+    if rng_ranks is not None:
+        extras["rng_ranks"] = rng_ranks
     writers: list[tuple[Path, Callable[[Path], None]]] = [
         (files.caffemodel, trainer.module.save_caffemodel),
         (files.onnx, lambda tmp: export_onnx(export, trainer, tmp)),
@@ -212,8 +217,12 @@ def check_log(path: Path) -> None:
         raise CaffeOnnxError(f"--log {str(path)!r}: cannot append to it ({why}); give a writable file")
 
 
-def resume(trainer: Trainer, solverstate: str | os.PathLike[str]) -> list[str]:
-    """Continue from a snapshot (Caffe's Solver::Restore): weights, iteration, lr step, history; returns notes."""
+def resume(trainer: Trainer, solverstate: str | os.PathLike[str], rank: int = 0, world: int = 1) -> list[str]:
+    """Continue from a snapshot (Caffe's Solver::Restore): weights, iteration, lr step, history; returns notes.
+
+    Every rank of a torchrun run reads the same files; rank r takes its own generators when the snapshot has
+    them for `world` ranks, else rank 0 takes the saved ones and the others keep random_seed + rank.
+    """
     path = Path(solverstate)
     if not path.is_file():
         raise InputFileError(f"solver state {str(path)!r} does not exist; check the path")
@@ -239,13 +248,21 @@ def resume(trainer: Trainer, solverstate: str | os.PathLike[str]) -> list[str]:
         s = extras["smoothed_loss"]
         trainer.smoothed = SmoothedLoss(s["window"], [float(v) for v in s["losses"]], float(s["value"]),
                                         s["start_iter"])
-        rng = extras["rng"]
-        gen = trainer.module.generator_for(trainer.module.device)
-        if rng["device"] == str(gen.device):
-            gen.set_state(rng["state"])
+        per_rank = extras.get("rng_ranks")
+        if world > 1 and isinstance(per_rank, list) and len(per_rank) == world:
+            rng = _check_rng(extras_path, dict(enumerate(per_rank)), rank, trainer, f"rng_ranks[{rank}]")
+        elif rank == 0:
+            rng = extras["rng"]
         else:
+            rng = None
+            notes.append(f"{extras_path.name} holds no random generators for {world} ranks: rank {rank}'s Dropout "
+                         "continues from random_seed + rank")
+        gen = trainer.module.generator_for(trainer.module.device)
+        if rng is not None and rng["device"] == str(gen.device):
+            gen.set_state(rng["state"])
+        elif rng is not None:
             notes.append(f"the dropout RNG state was saved on {rng['device']}, not {gen.device}: it restarts")
-        if "torch_cpu" in rng:
+        if rng is not None and "torch_cpu" in rng:
             torch.set_rng_state(rng["torch_cpu"])
     else:
         trainer.smoothed.start_iter = state.iter
@@ -253,7 +270,7 @@ def resume(trainer: Trainer, solverstate: str | os.PathLike[str]) -> list[str]:
     return notes
 
 
-def _field(path: Path, where: dict, key: str, kinds: type | tuple[type, ...], name: str) -> object:
+def _field(path: Path, where: dict, key: str | int, kinds: type | tuple[type, ...], name: str) -> object:
     """`where[key]`, which must be of `kinds` (bool is not a number here); else a one-line error naming it."""
     value = where.get(key) if isinstance(where, dict) else None
     if not isinstance(value, kinds) or isinstance(value, bool):
@@ -269,16 +286,16 @@ def _kind_name(kinds: type | tuple[type, ...]) -> str:
     return " or ".join(names[k] for k in (kinds if isinstance(kinds, tuple) else (kinds,)))
 
 
-def _rng_state(path: Path, rng: dict, key: str, like: torch.Tensor) -> torch.Tensor:
+def _rng_state(path: Path, rng: dict, key: str, like: torch.Tensor, name: str = "rng") -> torch.Tensor:
     """A generator state from base64, of exactly the size `like` (this torch's state for that generator) has."""
-    text = _field(path, rng, key, str, f"rng.{key}")
+    text = _field(path, rng, key, str, f"{name}.{key}")
     try:
         raw = base64.b64decode(str(text), validate=True)
     except (binascii.Error, ValueError):
-        raise InputFileError(f"{path}: field 'rng.{key}' is not base64; the file is damaged: restore or delete it") \
+        raise InputFileError(f"{path}: field '{name}.{key}' is not base64; the file is damaged: restore or delete it") \
             from None
     if len(raw) != like.numel():
-        raise InputFileError(f"{path}: field 'rng.{key}' holds {len(raw)} bytes of generator state, this torch's "
+        raise InputFileError(f"{path}: field '{name}.{key}' holds {len(raw)} bytes of generator state, this torch's "
                              f"is {like.numel()} bytes; the file is damaged or from another torch build: restore or "
                              "delete it")
     return torch.from_numpy(np.frombuffer(raw, dtype=np.uint8).copy())
@@ -313,12 +330,18 @@ def read_extras(path: Path, trainer: Trainer, iteration: int) -> dict:
                              f"(window >= 1); the file is damaged: restore or delete it")
     _field(path, s, "value", (int, float), "smoothed_loss.value")
     _field(path, s, "start_iter", int, "smoothed_loss.start_iter")
-    rng = _field(path, extras, "rng", dict, "rng")
-    assert isinstance(rng, dict)
-    _field(path, rng, "device", str, "rng.device")
-    gen = trainer.module.generator_for(trainer.module.device)
-    if rng["device"] == str(gen.device):
-        rng["state"] = _rng_state(path, rng, "state", gen.get_state())
-    if "torch_cpu" in rng:
-        rng["torch_cpu"] = _rng_state(path, rng, "torch_cpu", torch.get_rng_state())
+    extras["rng"] = _check_rng(path, extras, "rng", trainer, "rng")
     return extras
+
+
+def _check_rng(path: Path, where: dict, key: str | int, trainer: Trainer, name: str) -> dict:
+    """One saved set of generators (`rng`, or an entry of `rng_ranks`), its states decoded and checked."""
+    value = _field(path, where, key, dict, name)
+    assert isinstance(value, dict)
+    _field(path, value, "device", str, f"{name}.device")
+    gen = trainer.module.generator_for(trainer.module.device)
+    if value["device"] == str(gen.device):
+        value["state"] = _rng_state(path, value, "state", gen.get_state(), name)
+    if "torch_cpu" in value:
+        value["torch_cpu"] = _rng_state(path, value, "torch_cpu", torch.get_rng_state(), name)
+    return value
