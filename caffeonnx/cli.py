@@ -11,6 +11,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from caffeonnx.errors import CaffeOnnxError
@@ -270,7 +271,7 @@ def main() -> None:
     try:
         app()
     except CaffeOnnxError as exc:
-        err.print(f"[bold red]error:[/bold red] {exc}", highlight=False, soft_wrap=True)
+        err.print(f"[bold red]error:[/bold red] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:  # raised outside typer's command call (typer itself turns it into exit 130)
         err.print("interrupted", highlight=False)

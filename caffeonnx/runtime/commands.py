@@ -76,21 +76,53 @@ def encode(
     tf32: TF32Option = False,
     cuda_graph: Annotated[bool, typer.Option("--cuda-graph", help="CUDA: capture a --batch-size run as a CUDA "
                                              "graph and replay it for every full batch.")] = False,
+    engine: Annotated[str, typer.Option("--engine", help="ort: this process; ray: Ray Data actors, one encoder "
+                                        "session each (pip install 'caffeonnx[ray]').")] = "ort",
+    address: Annotated[str | None, typer.Option("--address", help="--engine ray: the Ray cluster to join (auto, "
+                                                "ray://host:10001); default: a local Ray on this machine's "
+                                                "CPUs, stopped after.")] = None,
+    actors: Annotated[int | None, typer.Option("--actors", help="--engine ray: actors, one encoder session "
+                                               "and one CPU each (default 2).")] = None,
+    gpus_per_actor: Annotated[float | None, typer.Option("--gpus-per-actor", help="--engine ray: GPUs per actor "
+                                                         "(> 0: the actors run on CUDA; default 0: CPU).")] = None,
 ) -> None:
     """Encode a file of samples into a .npy of codes, streaming (memory stays bounded)."""
     from caffeonnx.fileio import check_output
-    from caffeonnx.runtime.encode import encode_file
-    from caffeonnx.runtime.session import EncoderSession
 
+    if engine not in ("ort", "ray"):
+        raise CaffeOnnxError(f"--engine must be ort or ray, got {engine!r}")
+    if engine != "ray" and (address, actors, gpus_per_actor) != (None, None, None):
+        raise CaffeOnnxError("--address, --actors and --gpus-per-actor go with --engine ray")
     check_output(output, inputs=[model, inputs])
-    session = EncoderSession(model, _session_config(device, threads, warmup=(), fp16=fp16, tf32=tf32,
-                                                    cuda_graphs=(batch_size,) if cuda_graph else ()))
-    err.print(f"running on {session.describe()}", highlight=False)
     columns = (TextColumn("encoding"), BarColumn(), MofNCompleteColumn(), TextColumn("samples"), TimeRemainingColumn())
-    with Progress(*columns, console=err, transient=True) as bar:
-        task = bar.add_task("encode", total=None)
-        result = encode_file(session, inputs, output, batch_size, key, scale,
-                             progress=lambda done, total: bar.update(task, completed=done, total=total))
+    if engine == "ray":
+        from caffeonnx.runtime.ray_encode import check_actors, encode_file_ray, import_ray
+
+        k, g = 2 if actors is None else actors, gpus_per_actor or 0.0
+        check_actors(k, g)
+        if (device == "cuda") != (g > 0) and device != "auto":
+            raise CaffeOnnxError(f"--engine ray runs actors on CUDA exactly when --gpus-per-actor > 0; got --device "
+                                 f"{device} with --gpus-per-actor {g:g}")
+        import_ray()
+        config = _session_config(device, threads, warmup=(), fp16=fp16, tf32=tf32,
+                                 cuda_graphs=(batch_size,) if cuda_graph else ())
+        err.print(f"running on Ray: {k} actors, {f'CUDA, {g:g} GPUs each' if g else 'CPU'}, "
+                  f"{address or 'local Ray'}", highlight=False)
+        with Progress(*columns, console=err, transient=True) as bar:
+            task = bar.add_task("encode", total=None)
+            result = encode_file_ray(model, inputs, output, config, batch_size, key, scale, address, k, g,
+                                     progress=lambda done, total: bar.update(task, completed=done, total=total))
+    else:
+        from caffeonnx.runtime.encode import encode_file
+        from caffeonnx.runtime.session import EncoderSession
+
+        session = EncoderSession(model, _session_config(device, threads, warmup=(), fp16=fp16, tf32=tf32,
+                                                        cuda_graphs=(batch_size,) if cuda_graph else ()))
+        err.print(f"running on {session.describe()}", highlight=False)
+        with Progress(*columns, console=err, transient=True) as bar:
+            task = bar.add_task("encode", total=None)
+            result = encode_file(session, inputs, output, batch_size, key, scale,
+                                 progress=lambda done, total: bar.update(task, completed=done, total=total))
     out.print(f"read {result.samples} samples from the {result.kind}; transform: {result.transform}", highlight=False)
     out.print(f"wrote {result.output}: {result.samples} codes of shape {list(result.code_shape)} "
               f"(inputs scaled by {result.scale:.6g})", highlight=False)

@@ -46,9 +46,15 @@ from caffeonnx.data.transform import DataTransformer
 from caffeonnx.errors import CaffeOnnxError, TensorError
 from caffeonnx.fileio import atomic_path
 from caffeonnx.proto import caffe_pb2
-from caffeonnx.runtime.inputs import (SCRATCH_PATTERN, ImageOptions, lock_scratch, open_inputs, process_start_time,
-                                      remove_stale)
-from caffeonnx.runtime.session import EncoderSession
+from caffeonnx.runtime.inputs import (
+    SCRATCH_PATTERN,
+    ImageOptions,
+    lock_scratch,
+    open_inputs,
+    process_start_time,
+    remove_stale,
+)
+from caffeonnx.runtime.session import EncoderSession, TensorSpec
 
 # Data layers that run Caffe's DataTransformer: without transform_param they feed raw values.
 _TRANSFORMING = {"Data", "ImageData", "WindowData", "MemoryData"}
@@ -153,7 +159,35 @@ def model_transform(model_path: str | os.PathLike[str], blob: str) -> tuple[Inpu
     return recorded_transform(layer), image_options(layer, shapes[1] if shapes and len(shapes) == 4 else None)
 
 
-def _image_shape(sample: tuple[int, ...], model_shape: tuple[int, ...], crop: int, what: str) -> tuple[int, int, int]:
+def fit_samples(samples: np.ndarray, spec: TensorSpec, model_shape: tuple[int, ...], transform: InputTransform | None,
+                scale: float | None, source: str) -> tuple[InputTransform, tuple[int, int, int]]:
+    """The transform to apply (the recorded one, else the dtype's default; `scale` replaces its scale) and each
+    sample's (C, H, W), after checking the samples fit the model's input and its fixed batch."""
+    n = samples.shape[0]
+    if transform is None:
+        guess = default_scale(np.dtype(samples.dtype))
+        transform = InputTransform(caffe_pb2.TransformationParameter(scale=guess), "no transform_param on record "
+                                   "(an Input layer, or foreign ONNX): 1/255 for uint8 pixels, else 1", guess)
+    if scale is not None:
+        transform = transform.with_scale(float(scale))
+    sample = tuple(int(d) for d in samples.shape[1:])
+    chw = sample_image_shape(sample, model_shape, int(transform.param.crop_size), source)
+    per_sample = math.prod(sample)
+    if per_sample != math.prod(chw):
+        raise TensorError(
+            f"{source}: samples of shape {sample} ({per_sample} values) do not fit input {spec.name!r} of the model, "
+            f"which takes {list(spec.sample_shape)} ({spec.sample_size} values) per sample"
+        )
+    out_shape = transform.transformer().output_shape(chw)
+    if math.prod(out_shape) != spec.sample_size:
+        raise TensorError(f"{source}: samples of shape {sample} give {list(out_shape)} after the centre crop "
+                          f"but input {spec.name!r} takes {list(spec.sample_shape)}")
+    if spec.batch is not None and n % spec.batch:
+        raise CaffeOnnxError(f"{source}: {n} samples are not a multiple of the model's fixed batch {spec.batch}")
+    return transform, chw
+
+
+def sample_image_shape(sample: tuple[int, ...], model_shape: tuple[int, ...], crop: int, what: str) -> tuple[int, int, int]:
     """The (C, H, W) the DataTransformer sees: the samples' own before a crop, else the model's (a flat blob's
     values as channels, as Caffe's mean_value indexes axis 1)."""
     if crop and math.prod(sample) != math.prod(model_shape):
@@ -225,29 +259,8 @@ def encode_file(
                                       images=images) as opened:
         samples = opened.samples
         n = samples.shape[0]
-        if transform is None:
-            guess = default_scale(np.dtype(samples.dtype))
-            transform = InputTransform(caffe_pb2.TransformationParameter(scale=guess), "no transform_param on record "
-                                       "(an Input layer, or foreign ONNX): 1/255 for uint8 pixels, else 1", guess)
-        if scale is not None:
-            transform = transform.with_scale(float(scale))
-        sample = tuple(int(d) for d in samples.shape[1:])
-        chw = _image_shape(sample, model_shape, int(transform.param.crop_size), str(input_path))
-        per_sample = math.prod(sample)
-        if per_sample != math.prod(chw):
-            raise TensorError(
-                f"{input_path}: samples of shape {sample} ({per_sample} values) do not fit input "
-                f"{spec.name!r} of the model, which takes {list(spec.sample_shape)} ({spec.sample_size} values) "
-                "per sample"
-            )
+        transform, chw = fit_samples(samples, spec, model_shape, transform, scale, str(input_path))
         transformer = transform.transformer()
-        out_shape = transformer.output_shape(chw)
-        if math.prod(out_shape) != spec.sample_size:
-            raise TensorError(f"{input_path}: samples of shape {sample} give {list(out_shape)} after the centre crop "
-                              f"but input {spec.name!r} takes {list(spec.sample_shape)}")
-        if spec.batch is not None and n % spec.batch:
-            raise CaffeOnnxError(f"{input_path}: {n} samples are not a multiple of the model's fixed batch "
-                                 f"{spec.batch}")
         no_draws = np.random.default_rng(0)  # TEST phase without mirror: the transformer draws nothing
 
         def prepare(rows: np.ndarray) -> np.ndarray:
