@@ -159,6 +159,15 @@ def model_transform(model_path: str | os.PathLike[str], blob: str) -> tuple[Inpu
     return recorded_transform(layer), image_options(layer, shapes[1] if shapes and len(shapes) == 4 else None)
 
 
+def streamed_sample_shape(spec: TensorSpec, batch_size: int) -> tuple[int, ...]:
+    """The model's per-sample input shape, which streaming batches of `batch_size` needs fixed (and a fixed batch met)."""
+    if not spec.static:
+        raise CaffeOnnxError(f"input {spec.name!r} has symbolic per-sample dims {spec.sample_shape}; cannot stream")
+    if spec.batch is not None and batch_size != spec.batch:
+        raise CaffeOnnxError(f"the model has a fixed batch of {spec.batch}; pass --batch-size {spec.batch}")
+    return tuple(int(d) for d in spec.sample_shape)
+
+
 def fit_samples(samples: np.ndarray, spec: TensorSpec, model_shape: tuple[int, ...], transform: InputTransform | None,
                 scale: float | None, source: str) -> tuple[InputTransform, tuple[int, int, int]]:
     """The transform to apply (the recorded one, else the dtype's default; `scale` replaces its scale) and each
@@ -245,11 +254,7 @@ def encode_file(
     if batch_size <= 0:
         raise CaffeOnnxError(f"--batch-size must be positive, got {batch_size}")
     spec = session.input
-    if not spec.static:
-        raise CaffeOnnxError(f"input {spec.name!r} has symbolic per-sample dims {spec.sample_shape}; cannot stream")
-    if spec.batch is not None and batch_size != spec.batch:
-        raise CaffeOnnxError(f"the model has a fixed batch of {spec.batch}; pass --batch-size {spec.batch}")
-    model_shape = tuple(int(d) for d in spec.sample_shape)
+    model_shape = streamed_sample_shape(spec, batch_size)
     if transform is None and images is None and Path(session.source).is_file():
         transform, images = model_transform(session.source, spec.name)
     target = Path(output_path)

@@ -37,6 +37,7 @@ from caffeonnx.runtime.encode import (
     model_transform,
     remove_stale_temps,
     sigterm_exits,
+    streamed_sample_shape,
 )
 from caffeonnx.runtime.inputs import open_inputs
 from caffeonnx.runtime.session import EncoderSession, SessionConfig
@@ -161,11 +162,7 @@ def encode_file_ray(
     probe_session = EncoderSession(proto, replace(config, device="cpu", fp16=False, tf32=False, cuda_graphs=()))
     spec = probe_session.input
     del probe_session
-    if not spec.static:
-        raise CaffeOnnxError(f"input {spec.name!r} has symbolic per-sample dims {spec.sample_shape}; cannot stream")
-    if spec.batch is not None and batch_size != spec.batch:
-        raise CaffeOnnxError(f"the model has a fixed batch of {spec.batch}; pass --batch-size {spec.batch}")
-    model_shape = tuple(int(d) for d in spec.sample_shape)
+    model_shape = streamed_sample_shape(spec, batch_size)
     transform, images = model_transform(model_path, spec.name)
     target = Path(output_path)
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -16,16 +16,12 @@ import numpy as np
 from caffeonnx.converter.caffe_io import read_blob_file
 from caffeonnx.converter.context import LayerContext
 from caffeonnx.converter.layers.loss import (
-    Mode,
     check_label_count,
     check_opset,
     check_same_num,
     class_view,
-    count_true,
-    float_count,
+    label_loss,
     labels_view,
-    normalization_mode,
-    normalized,
     reduce_sum,
 )
 from caffeonnx.converter.layers.multinomial_logistic_loss import LOG_THRESHOLD
@@ -69,13 +65,4 @@ def convert_infogain_loss(layer: caffe_pb2.LayerParameter, ctx: LayerContext) ->
     rows = ctx.node("Transpose", [rows], perm=[0, 2, 1])  # (outer, C, inner), like prob3
     log_p = ctx.node("Log", [ctx.node("Max", [prob3, ctx.const(np.float32(LOG_THRESHOLD), "log_threshold")])])
     per = ctx.node("Neg", [reduce_sum(ctx, ctx.node("Mul", [rows, log_p]), [1], keepdims=1)])  # (outer, 1, inner)
-    if mask is not None:
-        per = ctx.node("Where", [mask, per, ctx.const(np.float32(0.0), "zero")])
-    normalized(
-        ctx,
-        reduce_sum(ctx, per),
-        normalization_mode(p, Mode.VALID),
-        full=lambda: float_count(ctx, labels),
-        valid=lambda: float_count(ctx, labels) if mask is None else count_true(ctx, mask),
-        batch=lambda: float_count(ctx, labels, inner),
-    )
+    label_loss(ctx, per, labels, mask, inner, p)

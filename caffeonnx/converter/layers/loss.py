@@ -140,6 +140,21 @@ def normalized(ctx: LayerContext, total: str, mode: int, full: Count, valid: Cou
     ctx.set_output_shape(0, ())
 
 
+def label_loss(ctx: LayerContext, per_label: str, labels: str, mask: str | None, inner: int,
+               p: caffe_pb2.LossParameter) -> None:
+    """Top 0 of a loss over class labels: ignored labels' terms zeroed, summed, normalised (VALID by default)."""
+    if mask is not None:
+        per_label = ctx.node("Where", [mask, per_label, ctx.const(np.array(0.0, dtype=np.float32), "zero")])
+    normalized(
+        ctx,
+        reduce_sum(ctx, per_label),
+        normalization_mode(p, Mode.VALID),
+        full=lambda: float_count(ctx, labels),
+        valid=lambda: float_count(ctx, labels) if mask is None else count_true(ctx, mask),
+        batch=lambda: float_count(ctx, labels, inner),
+    )
+
+
 def batch_reshape(ctx: LayerContext, x: str, dims: Sequence[int]) -> str:
     """Reshape to `dims`, where -1 stands for the one dimension that carries the batch."""
     return ctx.node("Reshape", [x, ctx.const(np.array(list(dims), dtype=np.int64), "shape")])
@@ -243,13 +258,4 @@ def convert_softmax_with_loss(layer: caffe_pb2.LayerParameter, ctx: LayerContext
     picked = ctx.node("GatherElements", [prob3, labels], axis=1)
     floor = ctx.const(np.array(FLT_MIN, dtype=np.float32), "flt_min")
     nll = ctx.node("Neg", [ctx.node("Log", [ctx.node("Max", [picked, floor])])])
-    if mask is not None:
-        nll = ctx.node("Where", [mask, nll, ctx.const(np.array(0.0, dtype=np.float32), "zero")])
-    normalized(
-        ctx,
-        reduce_sum(ctx, nll),
-        normalization_mode(p, Mode.VALID),
-        full=lambda: float_count(ctx, labels),
-        valid=lambda: float_count(ctx, labels) if mask is None else count_true(ctx, mask),
-        batch=lambda: float_count(ctx, labels, inner),
-    )
+    label_loss(ctx, nll, labels, mask, inner, p)
