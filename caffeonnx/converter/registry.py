@@ -4,7 +4,8 @@ Contributor rules: a handler lives in `converter/layers/<family>.py`, is named
 `convert_<layer_type>`, is registered with `@register_layer("Type", bottoms=..., tops=...)`
 declaring the blob counts Caffe's layer declares (ExactNumBottomBlobs, MinTopBlobs, ...),
 has a one-line docstring saying what the layer computes in Caffe terms, and gets a
-parity test.  Modules in `layers/` are discovered automatically, so adding a layer
+parity test.  A layer type that BVLC Caffe lacks names its fork (`fork="ssd"`, a key of
+`converter/forks.py`'s FORKS), which `caffeonnx layers`, `inspect` and `to-caffe --target` use.  Modules in `layers/` are discovered automatically, so adding a layer
 touches its own file and its test only.
 
 The blob counts are checked once, centrally, before a handler runs (`check_blob_counts`),
@@ -42,16 +43,22 @@ class BlobCounts:
 
 _HANDLERS: Registry[Handler] = Registry("Caffe layer type", "caffeonnx.converter.layers")
 _COUNTS: dict[str, BlobCounts] = {}
+_FORK: dict[str, str] = {}
 
 
 def register_layer(layer_type: str, *, bottoms: Count, tops: Count, equal: bool = False,
-                   auto_top: bool = False) -> Callable[[Handler], Handler]:
+                   auto_top: bool = False, fork: str = "bvlc") -> Callable[[Handler], Handler]:
     """Decorator: register the handler of `layer_type` with the blob counts Caffe declares for it."""
+    from caffeonnx.converter.forks import FORKS
+
+    if fork not in FORKS:
+        raise RuntimeError(f"layer type {layer_type!r} names fork {fork!r}; known forks: {sorted(FORKS)}")
     register = _HANDLERS.register(layer_type)
 
     def decorate(fn: Handler) -> Handler:
         register(fn)  # refuses a second handler before its counts could replace the first's
         _COUNTS[layer_type] = BlobCounts(bottoms, tops, equal, auto_top)
+        _FORK[layer_type] = fork
         return fn
 
     return decorate
@@ -93,6 +100,7 @@ class LayerHandler:
     layer_type: str
     convert: Handler
     counts: BlobCounts
+    fork: str = "bvlc"  # the FORKS key of the Caffe that defines the layer type
 
     @property
     def module(self) -> str:
@@ -108,9 +116,9 @@ class LayerHandler:
 def get_handler(layer_type: str) -> LayerHandler | None:
     """The handler for `layer_type`, or None when it is not supported."""
     fn = _HANDLERS.get(layer_type)
-    return LayerHandler(layer_type, fn, _COUNTS[layer_type]) if fn is not None else None
+    return LayerHandler(layer_type, fn, _COUNTS[layer_type], _FORK[layer_type]) if fn is not None else None
 
 
 def supported_layers() -> list[LayerHandler]:
     """All registered handlers, sorted by Caffe layer type."""
-    return [LayerHandler(t, fn, _COUNTS[t]) for t, fn in _HANDLERS.items()]
+    return [LayerHandler(t, fn, _COUNTS[t], _FORK[t]) for t, fn in _HANDLERS.items()]

@@ -8,7 +8,7 @@ from caffeonnx.converter.registry import register_layer
 from caffeonnx.proto import caffe_pb2
 
 
-@register_layer("Permute", bottoms=1, tops=1)
+@register_layer("Permute", bottoms=1, tops=1, fork="ssd")
 def convert_permute(layer: caffe_pb2.LayerParameter, ctx: LayerContext) -> None:
     """Permute: top axis i is bottom axis order[i]; axes not listed follow in their original order."""
     shape = ctx.input_shapes[0]

@@ -19,6 +19,7 @@ import numpy as np
 from onnx import TensorProto
 
 from caffeonnx.converter.context import LayerContext
+from caffeonnx.converter.forks import ceil_rounding
 from caffeonnx.converter.registry import register_layer
 from caffeonnx.proto import caffe_pb2
 
@@ -105,14 +106,17 @@ def pool_geometry(p: caffe_pb2.PoolingParameter, size: tuple[int, int], ctx: Lay
             raise ctx.error("Padding implemented only for average and max pooling; set pad to 0 for STOCHASTIC")
         if pad[0] >= kernel[0] or pad[1] >= kernel[1]:
             raise ctx.error(f"pad {list(pad)!r} must be smaller than the kernel {list(kernel)!r}")
-    ceil = p.round_mode == P.CEIL
+    if p.HasField("ceil_mode") and p.HasField("round_mode"):
+        raise ctx.error("pooling_param sets both round_mode (BVLC) and ceil_mode (forks), which share field 13 in "
+                        "Caffe's binary format; keep one of them")
+    ceil = ceil_rounding(p)
     out = [_pooled_size(n, k, s, pd, ceil) for n, k, s, pd in zip(size, kernel, stride, pad)]
     if pad != (0, 0):  # a last window starting in the end padding is dropped, on both axes
         out = [o - 1 if (o - 1) * s >= n + pd else o for o, s, n, pd in zip(out, stride, size, pad)]
     if min(out) <= 0:
         raise ctx.error(
             f"kernel {list(kernel)!r} is larger than the padded input {[n + 2 * pd for n, pd in zip(size, pad)]!r}: "
-            f"the output would be empty (size {out!r}); use a smaller kernel or round_mode CEIL"
+            f"the output would be empty (size {out!r}); use a smaller kernel or CEIL rounding"
         )
     ctx.check_count(out, "pooled output")  # before ave_divisor makes an array of that size
     return PoolGeometry(size, kernel, stride, pad, (out[0], out[1]))

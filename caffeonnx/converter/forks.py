@@ -1,0 +1,121 @@
+"""The Caffe forks caffeonnx reads, and the field numbers where they disagree with BVLC.
+
+Why this exists: most Caffe models people still convert were trained with a fork
+(SSD, SegNet, DeepLab/PSPNet, ShuffleNet, Faster R-CNN, R-FCN), whose caffe.proto adds
+layer types and fields to BVLC's.  Text prototxts name fields, so one schema with every
+fork's fields parses them all.  Binary caffemodels number fields, and three forks reused
+numbers BVLC gives to something else:
+
+- SegNet's `upsample_param` is 137 (BVLC: `embed_param`), DeepLab's `interp_param` is 143
+  (BVLC: `input_param`), OpenCV's `proposal_param` is 201 (SSD: `multibox_loss_param`).
+  These are told apart by the layer's type: on a layer of type Upsample, field 137 is the
+  upsample_param (`FIELD_BY_TYPE`).
+- `pooling_param` field 13 is BVLC master's `round_mode` enum (CEIL = 0, FLOOR = 1) and the
+  forks' `ceil_mode` bool (true = 1 = ceil): the same bytes mean opposite things and the
+  layer type cannot tell.  The prototxt's spelling decides (`adopt_spelling`): a caffemodel
+  read alone is taken as BVLC's round_mode; read with a prototxt that spells `ceil_mode`
+  for that layer, field 13 is the fork's ceil_mode.
+
+caffe.proto declares each conflicting fork field under a private number; this module moves
+it to and from the fork's number when caffemodel bytes are read or written.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from caffeonnx.proto import caffe_pb2
+
+
+@dataclass(frozen=True)
+class Fork:
+    """A Caffe fork whose layer types caffeonnx converts."""
+
+    key: str  # as `register_layer(..., fork=key)` and `to-caffe --target` spell it
+    name: str
+    source: str  # the repository whose caffe.proto and layers/*.cpp define its semantics
+    models: str  # public models written for it
+
+
+FORKS: dict[str, Fork] = {f.key: f for f in (
+    Fork("bvlc", "BVLC Caffe", "BVLC/caffe", "the BVLC model zoo"),
+    Fork("ssd", "SSD", "weiliu89/caffe (ssd branch)", "MobileNet-SSD, the res10 face detector, VGG-SSD"),
+    Fork("segnet", "SegNet", "alexgkendall/caffe-segnet", "SegNet, Bayesian SegNet, ENet"),
+    Fork("deeplab", "DeepLab / PSPNet", "hszhao/PSPNet, DeepLab's deeplab-public-ver2", "PSPNet, DeepLab v2, ICNet"),
+    Fork("shufflenet", "ShuffleNet", "farmingyard/ShuffleNet", "ShuffleNet v1/v2"),
+    Fork("senet", "SENet", "hujie-frank/SENet", "SE-ResNet, SE-BN-Inception (Axpy)"),
+    Fork("mobilenet", "MobileNet forks", "shicai/MobileNet-Caffe, Caffe ports of MobileNet v2/v3",
+         "MobileNet v2/v3 (ReLU6, HardSwish, HardSigmoid)"),
+    Fork("ceil-mode", "forks with pooling ceil_mode", "BVLC/caffe PR #3057, carried by most forks",
+         "DenseNet, ENet, PSPNet (pooling_param { ceil_mode })"),
+    Fork("fast-rcnn", "Fast/Faster R-CNN", "rbgirshick/caffe-fast-rcnn", "Fast R-CNN, Faster R-CNN"),
+    Fork("rfcn", "R-FCN", "daijifeng001/caffe-rfcn", "R-FCN"),
+    Fork("opencv", "OpenCV DNN's Caffe schema", "opencv/opencv (modules/dnn, opencv-caffe.proto)",
+         "Faster R-CNN with a C++ Proposal layer"),
+)}
+
+
+# (layer type, LayerParameter field) -> the field's number in that layer type's fork.
+FIELD_BY_TYPE: dict[tuple[str, str], int] = {
+    ("Upsample", "upsample_param"): 137,
+    ("Interp", "interp_param"): 143,
+    ("Proposal", "proposal_param"): 201,
+}
+
+_LAYER_FIELDS = caffe_pb2.LayerParameter.DESCRIPTOR.fields_by_name
+_POOLING_FIELDS = caffe_pb2.PoolingParameter.DESCRIPTOR.fields_by_name
+# layer type -> {fork number: schema number}, and back
+_READ: dict[str, dict[int, int]] = {}
+_WRITE: dict[str, dict[int, int]] = {}
+for (_type, _field), _wire in FIELD_BY_TYPE.items():
+    _READ.setdefault(_type, {})[_wire] = _LAYER_FIELDS[_field].number
+    _WRITE.setdefault(_type, {})[_LAYER_FIELDS[_field].number] = _wire
+
+POOLING_ROUND_MODE = _POOLING_FIELDS["round_mode"].number  # 13: BVLC's and the forks' ceil_mode
+POOLING_CEIL_MODE = _POOLING_FIELDS["ceil_mode"].number  # its private number in caffe.proto
+
+
+def read_numbers(layer_type: str) -> dict[int, int]:
+    """For a caffemodel layer of `layer_type`: fork field number -> caffe.proto's number."""
+    return _READ.get(layer_type, {})
+
+
+def write_numbers(layer_type: str) -> dict[int, int]:
+    """For a layer of `layer_type` written to a caffemodel: caffe.proto's number -> the fork's."""
+    return _WRITE.get(layer_type, {})
+
+
+def adopt_spelling(binary: caffe_pb2.NetParameter, text: caffe_pb2.NetParameter) -> None:
+    """Read `binary`'s pooling field 13 as the fork's ceil_mode where `text` spells ceil_mode.
+
+    Layers are matched by name, as Caffe matches a caffemodel to a prototxt; the first
+    prototxt layer of a name decides.
+    """
+    spelled: dict[str, bool] = {}
+    for layer in text.layer:
+        if layer.name not in spelled:
+            spelled[layer.name] = layer.pooling_param.HasField("ceil_mode")
+    for layer in binary.layer:
+        p = layer.pooling_param
+        if spelled.get(layer.name) and p.HasField("round_mode") and not p.HasField("ceil_mode"):
+            # the fork wrote bool ceil_mode as field 13: 1 (true) reads as FLOOR, 0 (false) as CEIL
+            p.ceil_mode = p.round_mode == caffe_pb2.PoolingParameter.FLOOR
+            p.ClearField("round_mode")
+
+
+def ceil_rounding(p: caffe_pb2.PoolingParameter) -> bool:
+    """Whether a pooling layer rounds its output size up, whichever spelling it uses."""
+    if p.HasField("ceil_mode"):
+        return p.ceil_mode
+    return p.round_mode == caffe_pb2.PoolingParameter.CEIL
+
+
+def fork_of(layer: caffe_pb2.LayerParameter) -> str:
+    """The fork a layer needs: its type's fork, else the fork of a fork-only field it sets."""
+    from caffeonnx.converter.registry import get_handler
+
+    handler = get_handler(layer.type)
+    if handler is not None and handler.fork != "bvlc":
+        return handler.fork
+    if layer.pooling_param.HasField("ceil_mode"):
+        return "ceil-mode"
+    return "bvlc"
