@@ -174,6 +174,10 @@ def to_caffe(
                         "model was converted with, from its metadata).")] = None,
     level: Annotated[Optional[int], typer.Option(
         "--level", help="Level for the written prototxt's state (default: the converted one).")] = None,
+    target: Annotated[str, typer.Option(
+        "--target", help="The Caffe that will load the files: any (default: each layer as converted), bvlc (refuses "
+                         "fork layers, listing them; pooling ceil_mode becomes round_mode), or a fork (see "
+                         "`caffeonnx layers`: ssd, segnet, deeplab, ...).")] = "any",
 ) -> None:
     """Convert ONNX back to a Caffe prototxt (+ caffemodel); exact for models caffeonnx wrote.
 
@@ -195,7 +199,7 @@ def to_caffe(
         state = caffe_pb2.NetState(stage=stage or [], level=level or 0)
         if phase is not None:
             state.phase = caffe_pb2.Phase.Value(phase.upper())
-    result = convert_to_caffe_files(model, output, weights, batch, allow_extensions, state)
+    result = convert_to_caffe_files(model, output, weights, batch, allow_extensions, state, target)
     n_blobs = sum(len(b) for b in result.blobs.values())
     out.print(f"wrote {output} ({len(result.net.layer)} layers)" + (f" and {weights} ({n_blobs} blobs)" if weights else ""))
 
@@ -225,15 +229,17 @@ def inspect(
 def layers(
     markdown: Annotated[bool, typer.Option("--markdown", help="Print the docs table.")] = False,
 ) -> None:
-    """List the supported Caffe layer types."""
+    """List the supported Caffe layer types; a fork's own types name the fork (SSD, SegNet, ...)."""
     from caffeonnx.converter.docs import supported_layers_markdown
+    from caffeonnx.converter.forks import FORKS
     from caffeonnx.converter.registry import supported_layers
 
     if markdown:
         out.print(supported_layers_markdown(), markup=False, highlight=False)
         return
     for h in supported_layers():
-        out.print(f"{h.layer_type:<26} {h.summary}", markup=False, highlight=False)
+        fork = "" if h.fork == "bvlc" else f"[{FORKS[h.fork].name}] "
+        out.print(f"{h.layer_type:<26} {fork}{h.summary}", markup=False, highlight=False)
 
 
 @app.command()

@@ -1,11 +1,13 @@
-"""Rewrite the README's generated tables (supported Caffe layers and ONNX ops)."""
+"""Rewrite the generated tables in the README (layers, ONNX ops) and the guide (forks)."""
 from __future__ import annotations
 
 from pathlib import Path
 
 from caffeonnx.converter.docs import render
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+ROOT = Path(__file__).resolve().parent.parent
+DOCUMENTS = (ROOT / "README.md", ROOT / "docs" / "guide.md")
 
 if __name__ == "__main__":
-    README.write_text(render(README.read_text()))
+    for doc in DOCUMENTS:
+        doc.write_text(render(doc.read_text()))

@@ -23,10 +23,11 @@ from google.protobuf import text_format
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import DecodeError, Message
 
+from caffeonnx.converter import forks
 from caffeonnx.errors import InputFileError, PrototxtError
 from caffeonnx.fileio import atomic_write
 from caffeonnx.proto import caffe_pb2
-from caffeonnx.wire import length_delimited
+from caffeonnx.wire import key, length_delimited
 
 # Field numbers used by the scanner (see caffe.proto).
 _NET_LAYER = 100  # NetParameter.layer (LayerParameter)
@@ -274,7 +275,15 @@ def read_caffemodel(path: str | os.PathLike[str]) -> CaffeWeights:
                 kept += mm[fs:ve]
         net = caffe_pb2.NetParameter.FromString(bytes(kept))
         for fnum, msg, _ in layer_msgs:
-            (net.layer if fnum == _NET_LAYER else net.layers).add().MergeFromString(msg)
+            if fnum == _NET_LAYERS:
+                net.layers.add().MergeFromString(msg)
+                continue
+            layer = net.layer.add()
+            layer.MergeFromString(msg)
+            numbers = forks.read_numbers(layer.type)
+            if numbers:  # a fork numbered this layer type's param field differently from BVLC
+                layer.Clear()
+                layer.MergeFromString(_renumber(_Scanner(msg, p), len(msg), numbers))
     except DecodeError as exc:
         raise InputFileError(f"{p}: not a binary caffemodel ({exc}); pass the .caffemodel, not the prototxt") from None
     if not layer_msgs:
@@ -291,6 +300,30 @@ def read_caffemodel(path: str | os.PathLike[str]) -> CaffeWeights:
         name = layer.name or layer.layer.name
         weights.blobs[name] = blobs
     return weights
+
+
+def _renumber(sc: _Scanner, end: int, numbers: Mapping[int, int]) -> bytes:
+    """The message in `sc.buf[:end]` with the top-level fields in `numbers` moved to their new numbers."""
+    out = bytearray()
+    for fnum, wt, fs, _vs, ve, _ in sc.fields(0, end):
+        if fnum in numbers:
+            _, after_key = sc.varint(fs, end)
+            out += key(numbers[fnum], wt) + sc.buf[after_key:ve]
+        else:
+            out += sc.buf[fs:ve]
+    return bytes(out)
+
+
+def _fork_wire_bytes(layer: caffe_pb2.LayerParameter) -> bytes:
+    """A bare layer's bytes with fork fields at the numbers that layer's fork reads (see forks.py)."""
+    if layer.pooling_param.HasField("ceil_mode"):
+        # the forks' bool ceil_mode is field 13 (true = 1), where BVLC's round_mode enum lives
+        ceil = layer.pooling_param.ceil_mode
+        layer.pooling_param.ClearField("ceil_mode")
+        layer.pooling_param.round_mode = caffe_pb2.PoolingParameter.RoundMode.Value("FLOOR" if ceil else "CEIL")
+    head = layer.SerializeToString()
+    numbers = forks.write_numbers(layer.type)
+    return _renumber(_Scanner(head, Path("<layer>")), len(head), numbers) if numbers else head
 
 
 def _is_text(head: bytes) -> bool:
@@ -339,7 +372,7 @@ def write_caffemodel_to(fh: BinaryIO, net: caffe_pb2.NetParameter, blobs: Mappin
         bare = caffe_pb2.LayerParameter()
         bare.CopyFrom(layer)
         del bare.blobs[:]
-        head = bare.SerializeToString()
+        head = _fork_wire_bytes(bare)
         parts: list[bytes | memoryview] = []
         for arr in blobs.get(position, blobs.get(layer.name, [])):
             parts.extend(_blob_bytes(arr))

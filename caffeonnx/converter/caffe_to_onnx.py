@@ -20,6 +20,7 @@ from caffeonnx import __version__
 from caffeonnx.converter import metadata
 from caffeonnx.converter.caffe_io import CaffeWeights, read_caffemodel, read_prototxt
 from caffeonnx.converter.context import ConvertOptions, GraphBuilder, LayerContext
+from caffeonnx.converter.forks import adopt_spelling
 from caffeonnx.converter.layers.loss import effective_loss_weights
 from caffeonnx.converter.onnx_io import check_and_type_outputs, save_streaming, to_model_proto
 from caffeonnx.converter.registry import check_blob_counts, get_handler
@@ -167,6 +168,7 @@ def convert_net(
     producers: dict[str, tuple[int, int]] = {}
     consumers: Counter[tuple[int, int]] = Counter()
     available: dict[str, None] = {}
+    silenced: dict[str, None] = {}  # ONNX values whose only reader is a Silence layer, in net order
     for i, (position, layer, tops) in enumerate(zip(positions, layers, tops_per_layer)):
         bottoms = []
         for b in layer.bottom:
@@ -174,6 +176,8 @@ def convert_net(
                 raise _unknown_bottom(net, set(positions), layer, b, state, source)
             bottoms.append(current[b])
             consumers[producers[b]] += 1
+            if layer.type == "Silence" and b in available:
+                silenced[current[b]] = None
             available.pop(b, None)
         blobs = None
         if weights is not None and gets_weights[layer.name] == position:
@@ -208,6 +212,10 @@ def convert_net(
         outputs += _split_blobs(layers, tops_per_layer, consumers, builder)
     inputs = {name for name, _, _ in builder.inputs}
     outputs = [o for o in outputs if o not in inputs or o in available]
+    if not outputs:
+        # A deploy net whose last blob only feeds a Silence layer (colorization's class8_ab): Caffe still
+        # computes it, and a model without outputs could not be run, so the silenced blobs are the outputs.
+        outputs = [o for o in silenced if o not in inputs]
     if not outputs:
         what = "no layers" if not layers else "no output: every blob is consumed (by a Silence layer or a loss)"
         raise CaffeOnnxError(f"{source}: the net has {what} for the NetState ({_state_text(state)}), so the ONNX "
@@ -341,13 +349,19 @@ def load_net(prototxt: str | os.PathLike[str]) -> caffe_pb2.NetParameter:
     return upgrade_net(read_prototxt(prototxt), str(prototxt))
 
 
-def load_weights(caffemodel: str | os.PathLike[str]) -> CaffeWeights:
-    """Read a caffemodel; its V0/V1 layers are upgraded so names match the net."""
+def load_weights(caffemodel: str | os.PathLike[str], net: caffe_pb2.NetParameter | None = None) -> CaffeWeights:
+    """Read a caffemodel; its V0/V1 layers are upgraded so names match the net.
+
+    With the prototxt's `net`, pooling field 13 is read with the meaning the prototxt spells
+    (the forks' ceil_mode or BVLC's round_mode; see converter/forks.py).
+    """
     weights = read_caffemodel(caffemodel)
     if weights.net.layers:
         blobs = weights.blobs
         upgrade_net(weights.net, str(caffemodel))
         weights.blobs = blobs
+    if net is not None:
+        adopt_spelling(weights.net, net)
     return weights
 
 
@@ -358,7 +372,7 @@ def convert_files(
 ) -> ConvertedModel:
     """Convert a prototxt (+ caffemodel) to a ConvertedModel (weights not yet copied)."""
     net = load_net(prototxt)
-    weights = load_weights(caffemodel) if caffemodel is not None else None
+    weights = load_weights(caffemodel, net) if caffemodel is not None else None
     return convert_net(net, weights, options, source=str(Path(prototxt)))
 
 

@@ -3,14 +3,32 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from caffeonnx.converter.forks import FORKS
 from caffeonnx.converter.registry import supported_layers
 
 
 def supported_layers_markdown() -> str:
-    """Markdown table of every registered Caffe layer type and what it computes."""
-    rows = ["| Caffe layer type | What it computes | Handler |", "|---|---|---|"]
+    """Markdown table of every registered Caffe layer type, its fork and what it computes."""
+    rows = ["| Caffe layer type | Caffe | What it computes | Handler |", "|---|---|---|---|"]
     for h in supported_layers():
-        rows.append(f"| `{h.layer_type}` | {h.summary} | `{h.module.rsplit('.', 1)[-1]}.{h.convert.__name__}` |")
+        rows.append(f"| `{h.layer_type}` | {FORKS[h.fork].name} | {h.summary} | "
+                    f"`{h.module.rsplit('.', 1)[-1]}.{h.convert.__name__}` |")
+    return "\n".join(rows)
+
+
+def fork_layers_markdown() -> str:
+    """Markdown table of the forks and the layer types caffeonnx converts from each (the guide's)."""
+    by_fork: dict[str, list[str]] = {}
+    for h in supported_layers():
+        if h.fork != "bvlc":
+            by_fork.setdefault(h.fork, []).append(f"`{h.layer_type}`")
+    rows = ["| Fork | Defined in | Layer types | Models written for it |", "|---|---|---|---|"]
+    for key, fork in FORKS.items():
+        types = by_fork.get(key, [])
+        if key == "ceil-mode":
+            types = ["`Pooling` with `ceil_mode`"]
+        if types:
+            rows.append(f"| {fork.name} (`{key}`) | {fork.source} | {', '.join(types)} | {fork.models} |")
     return "\n".join(rows)
 
 
@@ -21,10 +39,11 @@ def supported_ops_markdown() -> str:
     return ops_table()
 
 
-# name -> generator; the README holds each table between its begin/end markers.
+# name -> generator; a document holds each of its tables between the begin/end markers.
 SECTIONS: dict[str, Callable[[], str]] = {
     "supported-layers": supported_layers_markdown,
     "supported-onnx-ops": supported_ops_markdown,
+    "fork-layers": fork_layers_markdown,
 }
 
 
@@ -34,9 +53,11 @@ def markers(name: str) -> tuple[str, str]:
 
 
 def render(text: str) -> str:
-    """`text` with every generated section replaced by the registry's current table."""
+    """`text` with every generated section it holds replaced by the registry's current table."""
     for name, generate in SECTIONS.items():
         begin, end = markers(name)
+        if begin not in text:
+            continue
         start, stop = text.index(begin), text.index(end)
         text = text[: start + len(begin)] + "\n" + generate() + "\n" + text[stop:]
     return text

@@ -109,13 +109,51 @@ def ceil_rounding(p: caffe_pb2.PoolingParameter) -> bool:
     return p.round_mode == caffe_pb2.PoolingParameter.CEIL
 
 
-def fork_of(layer: caffe_pb2.LayerParameter) -> str:
-    """The fork a layer needs: its type's fork, else the fork of a fork-only field it sets."""
+def fork_of_type(layer_type: str) -> str:
+    """The fork that defines `layer_type` ("bvlc" for BVLC's own and for types caffeonnx does not know)."""
     from caffeonnx.converter.registry import get_handler
 
-    handler = get_handler(layer.type)
-    if handler is not None and handler.fork != "bvlc":
-        return handler.fork
+    handler = get_handler(layer_type)
+    return handler.fork if handler is not None else "bvlc"
+
+
+def fork_of(layer: caffe_pb2.LayerParameter) -> str:
+    """The fork a layer needs: its type's fork, else the fork of a fork-only field it sets."""
+    fork = fork_of_type(layer.type)
+    if fork != "bvlc":
+        return fork
     if layer.pooling_param.HasField("ceil_mode"):
         return "ceil-mode"
     return "bvlc"
+
+
+def retarget(net: caffe_pb2.NetParameter, target: str) -> None:
+    """Make `net` loadable by the Caffe `target` ("any", "bvlc" or a fork key), in place.
+
+    Pooling's ceil_mode becomes BVLC's round_mode for a BVLC target (same windows; the forks
+    carry ceil_mode, so it stays for them); a layer type the target lacks cannot be rewritten,
+    so all of them are reported at once.
+    """
+    from caffeonnx.errors import CaffeOnnxError
+
+    if target == "any":
+        return
+    if target not in FORKS:
+        raise CaffeOnnxError(f"--target {target!r} is not a Caffe caffeonnx knows; use any, "
+                             + ", ".join(sorted(FORKS)))
+    if target == "bvlc":
+        for layer in net.layer:
+            p = layer.pooling_param
+            if p.HasField("ceil_mode"):
+                ceil = p.ceil_mode
+                p.ClearField("ceil_mode")
+                if not ceil:
+                    p.round_mode = caffe_pb2.PoolingParameter.FLOOR
+    foreign = [(layer.name, layer.type, fork) for layer in net.layer
+               if (fork := fork_of_type(layer.type)) not in ("bvlc", target)]
+    if foreign:
+        listed = "; ".join(f"{name!r} ({type_}, from {FORKS[fork].name})" for name, type_, fork in foreign)
+        raise CaffeOnnxError(
+            f"{FORKS[target].name} has no layer type for {len(foreign)} layer(s): {listed}. Write for the Caffe "
+            f"that has them (--target {foreign[0][2]}) or --target any"
+        )

@@ -26,7 +26,7 @@ import onnx
 from onnx import ModelProto, helper
 from rich.table import Table
 
-from caffeonnx.converter import metadata
+from caffeonnx.converter import forks, metadata
 from caffeonnx.converter.caffe_io import _is_text
 from caffeonnx.converter.caffe_to_onnx import convert_net, load_net, load_weights
 from caffeonnx.converter.context import ConvertOptions
@@ -79,6 +79,7 @@ class LayerInfo:
     top_shapes: list[list[Dim] | None]  # None where unknown; [] for a caffemodel (no shapes stored)
     params: list[str]  # ParamInfo names in the layer's blob order
     param_shapes: list[list[int]]  # the shape this layer sees for each of them
+    fork: str = ""  # the Caffe fork (FORKS key) a non-BVLC layer needs; "" for BVLC's own and foreign ONNX
 
 
 @dataclass
@@ -184,7 +185,7 @@ def _from_caffeonnx_metadata(
         bottoms = list(caffe.bottom) if caffe is not None else rec.bottoms
         tops = list(caffe.top) if caffe is not None else rec.tops
         layers.append(_layer_info(rec.index, rec.name, rec.type, bottoms, tops, [shapes.get(t) for t in rec.tops],
-                                  params))
+                                  params, caffe))
     return Inspection(path, fmt, producer, net.name, phase, layers, params)
 
 
@@ -210,15 +211,18 @@ def _layer_info(
     tops: list[str],
     top_shapes: list[list[Dim] | None],
     params: list[ParamInfo],
+    layer: caffe_pb2.LayerParameter | None,
 ) -> LayerInfo:
     """A LayerInfo whose params are those `params` list this layer as a user of, in blob order."""
     mine = sorted((u.index, p.name, u.shape) for p in params for u in p.users if u.position == position)
-    return LayerInfo(name, type_, bottoms, tops, top_shapes, [n for _, n, _ in mine], [s for _, _, s in mine])
+    fork = forks.fork_of(layer if layer is not None else caffe_pb2.LayerParameter(type=type_))
+    return LayerInfo(name, type_, bottoms, tops, top_shapes, [n for _, n, _ in mine], [s for _, _, s in mine],
+                     "" if fork == "bvlc" else fork)
 
 
 def _inspect_caffemodel(path: Path) -> Inspection:
     """Layers as stored; blobs grouped by param name (a shared blob's per-layer copies must agree)."""
-    weights = load_weights(path)
+    weights = load_weights(path)  # alone: pooling field 13 reads as BVLC's round_mode
     table = ParamTable(str(path))
     for position, layer in enumerate(weights.net.layer):
         for index, blob in enumerate(weights.blobs.get(layer.name, [])):
@@ -229,7 +233,7 @@ def _inspect_caffemodel(path: Path) -> Inspection:
     records = json.loads(metadata.build_metadata(weights.net, caffe_pb2.TEST, [], table)[metadata.KEY_PARAMS])
     params = _params_from_records(records, lambda _name: CAFFE_ITEMSIZE)
     layers = [
-        _layer_info(position, layer.name, layer.type, list(layer.bottom), list(layer.top), [], params)
+        _layer_info(position, layer.name, layer.type, list(layer.bottom), list(layer.top), [], params, layer)
         for position, layer in enumerate(weights.net.layer)
     ]
     return Inspection(str(path), "caffemodel", "caffe", weights.net.name, None, layers, params)
@@ -311,7 +315,8 @@ def renderables(insp: Inspection) -> list[Table | str]:
         if col:
             layers.add_column(col, overflow="fold")
     for i, layer in enumerate(insp.layers):
-        row = [str(i), layer.name, layer.type, ", ".join(layer.bottoms), ", ".join(layer.tops)]
+        kind = f"{layer.type} ({forks.FORKS[layer.fork].name})" if layer.fork else layer.type
+        row = [str(i), layer.name, kind, ", ".join(layer.bottoms), ", ".join(layer.tops)]
         if insp.format != "caffemodel":
             row.append(", ".join(_shape_text(s) for s in layer.top_shapes))
         row.append(", ".join(f"{n} {_shape_text(list(s))}" for n, s in zip(layer.params, layer.param_shapes)))

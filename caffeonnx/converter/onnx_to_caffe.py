@@ -19,6 +19,7 @@ from onnx import ModelProto, numpy_helper
 from caffeonnx.converter import metadata
 from caffeonnx.converter.caffe_io import write_caffemodel_to
 from caffeonnx.converter.caffe_to_onnx import has_params
+from caffeonnx.converter.forks import retarget
 from caffeonnx.converter.onnx_io import load_onnx
 from caffeonnx.errors import CaffeOnnxError
 from caffeonnx.fileio import atomic_write
@@ -52,7 +53,8 @@ def initializer_arrays(model: ModelProto) -> dict[str, np.ndarray]:
     return arrays
 
 
-def _restore(model: ModelProto, batch: int | None, state: caffe_pb2.NetState | None = None) -> CaffeNet:
+def _restore(model: ModelProto, batch: int | None, state: caffe_pb2.NetState | None = None,
+             target: str = "any") -> CaffeNet:
     """Rebuild the Caffe net recorded by caffeonnx, with blobs from the initializers.
 
     Blobs are keyed by layer position (names may repeat).  The prototxt's `state` gets the
@@ -90,6 +92,7 @@ def _restore(model: ModelProto, batch: int | None, state: caffe_pb2.NetState | N
             net.state.phase = state.phase
     if batch is not None:
         _set_batch(net, batch)
+    retarget(net, target)
     return out
 
 
@@ -102,14 +105,15 @@ def _set_batch(net: caffe_pb2.NetParameter, batch: int) -> None:
 
 
 def onnx_to_caffe(model: ModelProto, batch: int | None = None, extensions: bool = False,
-                  state: caffe_pb2.NetState | None = None) -> CaffeNet:
+                  state: caffe_pb2.NetState | None = None, target: str = "any") -> CaffeNet:
     """Convert an ONNX model to a Caffe net + weights (exact for caffeonnx's own models).
 
     `extensions` lets foreign models use layers/fields newer than BVLC Caffe 1.0 (Permute, Clip, round_mode).
     `state` (stages, level) replaces the NetState recorded at conversion in the written prototxt.
+    `target` ("any", "bvlc" or a fork key) refuses layers that Caffe lacks (see forks.retarget).
     """
     if metadata.caffe_net_from(model) is not None:
-        return _restore(model, batch, state)
+        return _restore(model, batch, state, target)
     from caffeonnx.converter.foreign import convert_foreign
 
     return convert_foreign(model, batch, extensions)
@@ -122,8 +126,9 @@ def convert_to_caffe_files(
     batch: int | None = None,
     extensions: bool = False,
     state: caffe_pb2.NetState | None = None,
+    target: str = "any",
 ) -> CaffeNet:
     """`caffeonnx to-caffe`: read ONNX, write prototxt (+ caffemodel) atomically."""
-    result = onnx_to_caffe(load_onnx(onnx_path), batch, extensions, state)
+    result = onnx_to_caffe(load_onnx(onnx_path), batch, extensions, state, target)
     result.save(prototxt, caffemodel)
     return result
