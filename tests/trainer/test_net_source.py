@@ -191,11 +191,16 @@ def test_converter_image_data_and_window_data(tmp_path: Path) -> None:
     assert dims(text) == {"data": [3, 9, 11], "label": []}
     assert dims(text.replace("batch_size: 5", "batch_size: 5 new_height: 32 new_width: 40 is_color: false")
                 .replace("crop_size: 0", "crop_size: 28"))["data"] == [1, 28, 28]
-    window = ('layer { name: "win" type: "WindowData" top: "data" top: "label" transform_param { crop_size: 227 } '
-              'window_data_param { source: "window_file.txt" batch_size: 128 } }')
-    with pytest.raises(LayerError, match=r"WindowData \(R-CNN window files\) is not supported; replace the layer by "
-                                         r"an Input layer with shape \{ dim: 128 dim: 3 dim: 227 dim: 227 \}"):
-        convert_text(window)
+    # R-CNN's window_file_2007 nets (models/bvlc_reference_rcnn_ilsvrc13 era): windows warped to crop_size
+    window = ('layer { name: "win" type: "WindowData" top: "data" top: "label" transform_param { mirror: true '
+              'crop_size: 227 mean_file: "imagenet_mean.binaryproto" } window_data_param { source: '
+              '"window_file_2007_trainval.txt" batch_size: 128 fg_threshold: 0.5 bg_threshold: 0.5 fg_fraction: 0.25 '
+              'context_pad: 16 crop_mode: "warp" } }')
+    assert dims(window) == {"data": [3, 227, 227], "label": []}
+    assert dims(window.replace("crop_size: 227 ", "").replace("batch_size: 128", "batch_size: 128 crop_size: 99")) \
+        == {"data": [3, 99, 99], "label": []}
+    with pytest.raises(LayerError, match=r"WindowData needs transform_param \{ crop_size \} > 0"):
+        convert_text(window.replace("crop_size: 227 ", ""))
 
 
 def test_in_place_layers_do_not_count_as_sources_but_two_data_layers_do(lenet_dir: Path) -> None:

@@ -128,10 +128,12 @@ def convert_image_data(layer: caffe_pb2.LayerParameter, ctx: LayerContext) -> No
 
 @register_layer("WindowData", bottoms=0, tops=2)
 def convert_window_data(layer: caffe_pb2.LayerParameter, ctx: LayerContext) -> None:
-    """WindowData: refused with the fix (R-CNN window files are not read)."""
-    crop = layer.transform_param.crop_size or layer.window_data_param.crop_size
-    raise ctx.error(
-        "WindowData (R-CNN window files) is not supported; replace the layer by an Input layer with "
-        f"shape {{ dim: {layer.window_data_param.batch_size} dim: 3 dim: {crop} dim: {crop} }} (and one for the "
-        "label) to convert the net"
-    )
+    """WindowData: R-CNN's warped BGR windows [batch, 3, crop, crop] and their labels [batch] as graph inputs."""
+    crop = layer.transform_param.crop_size
+    if crop <= 0:
+        # WindowDataLayer::DataLayerSetUp CHECKs crop_size > 0 (window_data_param.crop_size is the deprecated copy)
+        crop = layer.window_data_param.crop_size
+    if crop <= 0:
+        raise ctx.error("WindowData needs transform_param { crop_size } > 0: every window is warped to that square")
+    ctx.graph_input(0, (layer.window_data_param.batch_size, 3, crop, crop))
+    ctx.graph_input(1, (layer.window_data_param.batch_size,))
