@@ -23,7 +23,7 @@ from caffeonnx.converter.context import ConvertOptions, GraphBuilder, LayerConte
 from caffeonnx.converter.forks import adopt_spelling
 from caffeonnx.converter.layers.loss import effective_loss_weights
 from caffeonnx.converter.onnx_io import check_and_type_outputs, save_streaming, to_model_proto
-from caffeonnx.converter.registry import check_blob_counts, get_handler
+from caffeonnx.converter.registry import check_blob_counts, get_handler, has_params
 from caffeonnx.converter.upgrade import upgrade_net
 from caffeonnx.errors import CaffeOnnxError, LayerError, UnsupportedError, WeightsError
 from caffeonnx.proto import caffe_pb2
@@ -308,16 +308,6 @@ def _check_weights_cover(layers: list[caffe_pb2.LayerParameter], positions: list
             f"{weights.path}: no weights for layer(s) {', '.join(repr(m) for m in missing)}; is this caffemodel "
             "from another net? (use --init-missing to initialise them from their fillers)"
         )
-
-
-def has_params(layer: caffe_pb2.LayerParameter) -> bool:
-    """Whether Caffe gives this layer learnable blobs (so a caffemodel must hold them)."""
-    if layer.type not in {"InnerProduct", "Convolution", "Deconvolution", "BatchNorm", "Scale", "Bias", "PReLU", "Embed"}:
-        return False
-    if layer.type in ("Scale", "Bias") and len(layer.bottom) > 1:
-        # The operand is the second bottom; a Scale still learns its bias_term blob.
-        return layer.type == "Scale" and layer.scale_param.bias_term
-    return True
 
 
 def _split_blobs(

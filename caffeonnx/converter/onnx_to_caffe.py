@@ -18,7 +18,7 @@ from onnx import ModelProto, numpy_helper
 
 from caffeonnx.converter import metadata
 from caffeonnx.converter.caffe_io import write_caffemodel_to
-from caffeonnx.converter.caffe_to_onnx import has_params
+from caffeonnx.converter.registry import has_params
 from caffeonnx.converter.forks import retarget
 from caffeonnx.converter.onnx_io import load_onnx
 from caffeonnx.errors import CaffeOnnxError

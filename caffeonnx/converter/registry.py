@@ -24,6 +24,8 @@ if TYPE_CHECKING:
     from caffeonnx.proto.caffe_pb2 import LayerParameter
 
 Handler = Callable[["LayerParameter", "LayerContext"], None]
+# Whether a layer has learnable blobs a caffemodel must hold: always, never, or decided by its params.
+Learnable = bool | Callable[["LayerParameter"], bool]
 Count = int | tuple[int, int | None]  # an exact count, or (minimum, maximum or None for no maximum)
 
 
@@ -44,11 +46,16 @@ class BlobCounts:
 _HANDLERS: Registry[Handler] = Registry("Caffe layer type", "caffeonnx.converter.layers")
 _COUNTS: dict[str, BlobCounts] = {}
 _FORK: dict[str, str] = {}
+_LEARNABLE: dict[str, Learnable] = {}
 
 
 def register_layer(layer_type: str, *, bottoms: Count, tops: Count, equal: bool = False,
-                   auto_top: bool = False, fork: str = "bvlc") -> Callable[[Handler], Handler]:
-    """Decorator: register the handler of `layer_type` with the blob counts Caffe declares for it."""
+                   auto_top: bool = False, fork: str = "bvlc", params: Learnable = False
+                   ) -> Callable[[Handler], Handler]:
+    """Decorator: register the handler of `layer_type` with the blob counts Caffe declares for it.
+
+    `params` says whether the layer has learnable blobs (so a caffemodel must hold them).
+    """
     from caffeonnx.converter.forks import FORKS
 
     if fork not in FORKS:
@@ -59,6 +66,7 @@ def register_layer(layer_type: str, *, bottoms: Count, tops: Count, equal: bool 
         register(fn)  # refuses a second handler before its counts could replace the first's
         _COUNTS[layer_type] = BlobCounts(bottoms, tops, equal, auto_top)
         _FORK[layer_type] = fork
+        _LEARNABLE[layer_type] = params
         return fn
 
     return decorate
@@ -111,6 +119,13 @@ class LayerHandler:
     def summary(self) -> str:
         """First docstring line of the handler: what the layer computes."""
         return summary(self.convert)
+
+
+def has_params(layer: LayerParameter) -> bool:
+    """Whether Caffe gives this layer learnable blobs, as its handler declares (False for unknown types)."""
+    _HANDLERS.get(layer.type)  # loads the handler modules
+    learnable = _LEARNABLE.get(layer.type, False)
+    return learnable(layer) if callable(learnable) else learnable
 
 
 def get_handler(layer_type: str) -> LayerHandler | None:

@@ -158,13 +158,13 @@ def _convert(layer: caffe_pb2.LayerParameter, ctx: LayerContext, transposed: boo
         ctx.set_output_shape(i, out_shape)
 
 
-@register_layer("Convolution", bottoms=(1, None), tops=(1, None), equal=True)
+@register_layer("Convolution", bottoms=(1, None), tops=(1, None), equal=True, params=True)
 def convert_convolution(layer: caffe_pb2.LayerParameter, ctx: LayerContext) -> None:
     """Convolution: y = W ⋆ x + b, N-D, with pad/stride/dilation/group; weight [M, C/g, k...]."""
     _convert(layer, ctx, transposed=False)
 
 
-@register_layer("Deconvolution", bottoms=(1, None), tops=(1, None), equal=True)
+@register_layer("Deconvolution", bottoms=(1, None), tops=(1, None), equal=True, params=True)
 def convert_deconvolution(layer: caffe_pb2.LayerParameter, ctx: LayerContext) -> None:
     """Deconvolution: the transposed convolution (gradient of Convolution); weight [C, M/g, k...]."""
     _convert(layer, ctx, transposed=True)

@@ -8,7 +8,7 @@ from caffeonnx.converter.registry import register_layer
 from caffeonnx.proto import caffe_pb2
 
 
-@register_layer("Embed", bottoms=1, tops=1)
+@register_layer("Embed", bottoms=1, tops=1, params=True)
 def convert_embed(layer: caffe_pb2.LayerParameter, ctx: LayerContext) -> None:
     """Embed: y[..., :] = W[int(x[...]), :] (+ b); W is input_dim × num_output, output adds an axis."""
     p = layer.embed_param

@@ -9,7 +9,7 @@ from caffeonnx.converter.registry import register_layer
 from caffeonnx.proto import caffe_pb2
 
 
-@register_layer("InnerProduct", bottoms=1, tops=1)
+@register_layer("InnerProduct", bottoms=1, tops=1, params=True)
 def convert_inner_product(layer: caffe_pb2.LayerParameter, ctx: LayerContext) -> None:
     """InnerProduct: y = x·Wᵀ + b over the axes from `axis` on; `transpose` stores W as K×N."""
     p = layer.inner_product_param

@@ -24,7 +24,7 @@ def _check_statistics_specs(layer: caffe_pb2.LayerParameter, ctx: LayerContext) 
             )
 
 
-@register_layer("BatchNorm", bottoms=1, tops=1)
+@register_layer("BatchNorm", bottoms=1, tops=1, params=True)
 def convert_batch_norm(layer: caffe_pb2.LayerParameter, ctx: LayerContext) -> None:
     """BatchNorm: y = (x - mean) / sqrt(var + eps) per channel (axis 1), stored stats scaled by 1/s."""
     p = layer.batch_norm_param

@@ -9,7 +9,7 @@ from caffeonnx.proto import caffe_pb2
 _ZEROS = caffe_pb2.FillerParameter(type="constant", value=0.0)
 
 
-@register_layer("Parameter", bottoms=0, tops=1)
+@register_layer("Parameter", bottoms=0, tops=1, params=True)
 def convert_parameter(layer: caffe_pb2.LayerParameter, ctx: LayerContext) -> None:
     """Parameter: top = the layer's one learnable blob of shape parameter_param.shape (zeros unless trained)."""
     shape = tuple(int(d) for d in layer.parameter_param.shape.dim)

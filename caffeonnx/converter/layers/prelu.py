@@ -7,7 +7,7 @@ from caffeonnx.converter.registry import register_layer
 from caffeonnx.proto import caffe_pb2
 
 
-@register_layer("PReLU", bottoms=1, tops=1)
+@register_layer("PReLU", bottoms=1, tops=1, params=True)
 def convert_prelu(layer: caffe_pb2.LayerParameter, ctx: LayerContext) -> None:
     """PReLU: y = max(x, 0) + a·min(x, 0), a learned per channel (axis 1) or one scalar if channel_shared."""
     p = layer.prelu_param

@@ -48,7 +48,9 @@ def _aligned(ctx: LayerContext, value: str, operand_shape: Shape, x_rank: int, a
     return ctx.reshape(value, operand_shape, (*operand_shape, *(1,) * trailing))
 
 
-@register_layer("Scale", bottoms=(1, 2), tops=1)
+# With a second bottom as the operand, a Scale still learns its bias_term blob.
+@register_layer("Scale", bottoms=(1, 2), tops=1,
+                params=lambda layer: len(layer.bottom) == 1 or layer.scale_param.bias_term)
 def convert_scale(layer: caffe_pb2.LayerParameter, ctx: LayerContext) -> None:
     """Scale: y = x ⊙ s (+ b) with s learned or the second bottom, spanning axes from `axis` on."""
     p = layer.scale_param
@@ -71,7 +73,7 @@ def convert_scale(layer: caffe_pb2.LayerParameter, ctx: LayerContext) -> None:
     ctx.set_output_shape(0, x_shape)
 
 
-@register_layer("Bias", bottoms=(1, 2), tops=1)
+@register_layer("Bias", bottoms=(1, 2), tops=1, params=lambda layer: len(layer.bottom) == 1)
 def convert_bias(layer: caffe_pb2.LayerParameter, ctx: LayerContext) -> None:
     """Bias: y = x + b with b learned or the second bottom, spanning axes from `axis` on."""
     p = layer.bias_param
