@@ -1,0 +1,132 @@
+"""Public architectures in their forks' own form, every blob against OpenCV DNN's Caffe importer.
+
+The prototxts in models/ are scaled-down copies of the public deploy files (same layer
+types, parameters and file style: MobileNet-SSD by chuanqi305, OpenCV's res10_300x300 face
+detector, DenseNet-121 by shicai with ceil_mode pooling), with fewer channels and small
+inputs so the suite stays fast.  Weights are seeded random values written to a caffemodel;
+caffeonnx converts prototxt + caffemodel, onnxruntime runs every blob, and OpenCV (an
+independent implementation of each fork layer) runs the same files with fusion off.
+Tolerance: atol 1e-4 + rtol 1e-3 on every blob (float32 through ~20 layers); detections are
+compared as sets of rows (label and image id exactly, score and box within 1e-4); their
+order is Caffe's, checked against the numpy transcription of the SSD fork.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from caffeonnx.converter.caffe_to_onnx import convert_files
+from caffeonnx.converter.context import ConvertOptions
+from caffeonnx.converter.onnx_to_caffe import CaffeNet, onnx_to_caffe
+from tests.helpers import rng
+
+cv2 = pytest.importorskip("cv2")
+ort = pytest.importorskip("onnxruntime")
+
+MODELS = Path(__file__).parent / "models"
+
+
+def seeded_weights(prototxt: Path, tmp: Path, seed: int) -> tuple[Path, Path]:
+    """The net's own prototxt and a caffemodel of seeded random blobs for every layer that has params.
+
+    Conv/IP weights ~ N(0, 1/fan_in); BatchNorm statistics with a positive variance and a
+    moving-average factor of 1; other blobs (biases, scales) around their filler values.
+    """
+    converted = convert_files(prototxt)
+    caffe = onnx_to_caffe(converted.to_proto())
+    gen = rng(seed)
+    blobs: dict[int | str, list[np.ndarray]] = {}
+    for position, arrays in caffe.blobs.items():
+        layer = caffe.net.layer[position]
+        new = []
+        for i, arr in enumerate(arrays):
+            if layer.type == "BatchNorm":
+                value = [gen.normal(0, 0.2, arr.shape), gen.uniform(0.5, 1.5, arr.shape), np.ones(arr.shape)][i]
+            elif arr.ndim >= 2:
+                value = gen.normal(0, 1 / np.sqrt(max(1, int(np.prod(arr.shape[1:])))), arr.shape)
+            else:
+                value = arr + gen.normal(0, 0.1, arr.shape)
+            new.append(value.astype(np.float32))
+        blobs[position] = new
+    weights = tmp / f"{prototxt.stem}.caffemodel"
+    CaffeNet(caffe.net, blobs).save(tmp / "written.prototxt", weights)
+    return prototxt, weights
+
+
+def caffeonnx_blobs(prototxt: Path, weights: Path, x: np.ndarray) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Every blob of the converted model, and each layer's name -> the ONNX value of its first top."""
+    from caffeonnx.converter import metadata
+
+    from onnx import TensorProto, helper
+
+    converted = convert_files(prototxt, weights, ConvertOptions(all_blobs=True))
+    model = converted.to_proto()
+    tops = {rec.name: rec.tops[0] for rec in metadata.layer_records(model) if rec.tops and rec.type != "Input"}
+    have = {o.name for o in model.graph.output}
+    for value in tops.values():  # an in-place layer's write before the blob's last one (`blob@layer`)
+        if value not in have:
+            model.graph.output.append(helper.make_tensor_value_info(value, TensorProto.FLOAT, None))
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    outs = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {"data": x})))
+    return outs, tops
+
+
+def opencv_blobs(prototxt: Path, weights: Path, x: np.ndarray, names: list[str]) -> dict[str, np.ndarray]:
+    net = cv2.dnn.readNetFromCaffe(str(prototxt), str(weights))
+    net.enableFusion(False)
+    net.setPreferableBackend(cv2.dnn.DNN_BACKEND_OPENCV)
+    net.setInput(x)
+    return dict(zip(names, net.forward(names)))
+
+
+def compare_detections(got: np.ndarray, want: np.ndarray) -> None:
+    """As sets of rows: OpenCV orders an image's rows by score, Caffe by label then score."""
+    def rows(a: np.ndarray) -> np.ndarray:
+        a = a.reshape(-1, 7)
+        a = a[np.any(a != 0, axis=1)]  # OpenCV pads with zero rows
+        return a[np.lexsort((a[:, 3], -a[:, 2], a[:, 1], a[:, 0]))]
+
+    got, want = rows(got), rows(want)
+    assert got.shape == want.shape, f"detection_out: {got.shape[0]} rows vs OpenCV's {want.shape[0]}"
+    np.testing.assert_array_equal(got[:, :2], want[:, :2], err_msg="detection_out image ids / labels")
+    np.testing.assert_allclose(got[:, 2:], want[:, 2:], atol=1e-4, rtol=0, err_msg="detection_out scores / boxes")
+
+
+def in_order(prototxt: Path, ours: dict[str, np.ndarray], tops: dict[str, str], got: np.ndarray) -> None:
+    """The rows in Caffe's order: the SSD fork's DetectionOutput transcribed in numpy, on our own bottoms."""
+    from caffeonnx.converter.caffe_io import read_prototxt
+    from tests.ssd_detection_reference import detection_output
+
+    layer = next(x for x in read_prototxt(prototxt).layer if x.type == "DetectionOutput")
+    p = layer.detection_output_param
+    loc, conf, prior = (ours[tops[b]] for b in layer.bottom)
+    want = detection_output(loc, conf, prior, num_classes=p.num_classes, share_location=p.share_location,
+                            background_label_id=p.background_label_id, code_type=p.code_type,
+                            keep_top_k=p.keep_top_k, confidence_threshold=p.confidence_threshold,
+                            nms_threshold=p.nms_param.nms_threshold, top_k=p.nms_param.top_k)
+    np.testing.assert_array_equal(got[..., :3], want[..., :3], err_msg="detection_out ids/labels/scores in order")
+    np.testing.assert_allclose(got, want, atol=1e-6, rtol=0, err_msg="detection_out boxes")
+
+
+@pytest.mark.parametrize(("model", "shape"), [
+    ("densenet121_fork", (1, 3, 35, 35)),
+    ("mobilenet_ssd", (1, 3, 64, 64)),
+    ("res10_300x300_ssd", (1, 3, 48, 48)),
+])
+def test_every_blob_matches_opencv(tmp_path: Path, model: str, shape: tuple[int, ...]) -> None:
+    prototxt, weights = seeded_weights(MODELS / f"{model}.prototxt", tmp_path, seed=11)
+    x = rng(12).uniform(-1, 1, shape).astype(np.float32)
+    ours, tops = caffeonnx_blobs(prototxt, weights, x)
+    theirs = opencv_blobs(prototxt, weights, x, list(tops))
+    for name, value in tops.items():
+        got, want = ours[value], theirs[name]
+        if name == "detection_out":
+            compare_detections(got, want)
+            assert got.reshape(-1, 7).shape[0] >= 4, "the seeded input should give several detections"
+            in_order(prototxt, ours, tops, got)
+            continue
+        assert got.size == want.size, f"{model} layer {name!r}: shape {got.shape} vs OpenCV {want.shape}"
+        np.testing.assert_allclose(got.reshape(want.shape), want, atol=1e-4, rtol=1e-3,
+                                   err_msg=f"{model} layer {name!r} (value {value!r}, shape {got.shape})")
