@@ -2,7 +2,8 @@
 
 The prototxts in models/ are scaled-down copies of the public deploy files (same layer
 types, parameters and file style: MobileNet-SSD by chuanqi305, OpenCV's res10_300x300 face
-detector, DenseNet-121 by shicai with ceil_mode pooling), with fewer channels and small
+detector, DenseNet-121 by shicai with ceil_mode pooling, ShuffleNet by farmingyard with
+ShuffleChannel and ConvolutionDepthwise), with fewer channels and small
 inputs so the suite stays fast.  Weights are seeded random values written to a caffemodel;
 caffeonnx converts prototxt + caffemodel, onnxruntime runs every blob, and OpenCV (an
 independent implementation of each fork layer) runs the same files with fusion off.
@@ -114,6 +115,7 @@ def in_order(prototxt: Path, ours: dict[str, np.ndarray], tops: dict[str, str], 
     ("densenet121_fork", (1, 3, 35, 35)),
     ("mobilenet_ssd", (1, 3, 64, 64)),
     ("res10_300x300_ssd", (1, 3, 48, 48)),
+    ("shufflenet_g3", (1, 3, 40, 40)),
 ])
 def test_every_blob_matches_opencv(tmp_path: Path, model: str, shape: tuple[int, ...]) -> None:
     prototxt, weights = seeded_weights(MODELS / f"{model}.prototxt", tmp_path, seed=11)
