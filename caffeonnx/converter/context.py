@@ -174,17 +174,26 @@ class LayerContext:
         role: str,
         filler: caffe_pb2.FillerParameter,
         default_spec: caffe_pb2.ParamSpec | None = None,
+        forced: caffe_pb2.ParamSpec | None = None,
     ) -> str:
         """Declare learnable blob `index` of this layer; returns the value to use in nodes.
 
         `default_spec` stands in for a ParamSpec the prototxt does not give (a layer's
-        built-in default, e.g. BatchNorm's lr_mult 0), without editing the net.
+        built-in default, e.g. BatchNorm's lr_mult 0), without editing the net.  The fields
+        set in `forced` replace the prototxt's, for a layer whose setup rewrites its own
+        ParamSpecs whatever the prototxt says (PSPNet's BN: lr_mult 0 on its statistics).
         """
         shape = tuple(int(d) for d in shape)
         if index != self.params_declared:
             raise RuntimeError(f"{self.type} handler declared param {index} out of order")
         self.params_declared += 1
         spec = self.layer.param[index] if index < len(self.layer.param) else default_spec
+        if forced is not None:
+            merged = caffe_pb2.ParamSpec()
+            if spec is not None:
+                merged.CopyFrom(spec)
+            merged.MergeFrom(forced)
+            spec = merged
         self.check_count(shape, f"param blob {index}")
         if self._blobs is None and not self.builder.take_fill_budget(math.prod(shape) * 4):
             raise self.error(f"filling param blob {index} {list(shape)} brings the net's filler-made weights to "

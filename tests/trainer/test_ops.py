@@ -63,6 +63,7 @@ def single_node_model(op: str, inputs: list[np.ndarray | Const | None], attrs: d
 
 X = f32(2, 3, 4, 5)
 IMG = f32(2, 4, 7, 6, seed=1)
+SCATTER_AT = np.stack([rng(k).permutation(12)[:5] for k in range(6)]).reshape(2, 3, 5)  # distinct per row
 CASES: list[tuple[str, str, list, dict, int]] = [
     *[(op, op, [X], {}, 1) for op in ("Abs", "Neg", "Exp", "Floor", "Ceil", "Sign", "Erf", "Sin", "Cos", "Sigmoid",
                                       "Tanh", "Relu", "Softsign", "Softplus", "Identity", "Round")],
@@ -120,6 +121,16 @@ CASES: list[tuple[str, str, list, dict, int]] = [
     ("Gather", "Gather", [X, i64(2, -1, 0)], {"axis": 1}, 1),
     ("Gather_scalar", "Gather", [X, Const(np.array(-2, np.int64))], {"axis": 3}, 1),
     ("GatherElements", "GatherElements", [f32(3, 4), Const(np.array([[0, 3], [1, 1], [-1, 2]], np.int64))], {"axis": 1}, 1),
+    ("ScatterElements", "ScatterElements", [f32(2, 3, 12), Const(SCATTER_AT), f32(2, 3, 5, seed=3)], {"axis": 2}, 1),
+    ("ScatterElements_negative", "ScatterElements", [f32(2, 3, 12), Const(SCATTER_AT - 12 * (SCATTER_AT % 2)),
+                                                     f32(2, 3, 5, seed=3)], {"axis": -1}, 1),
+    ("Resize_align_corners", "Resize", [IMG, None, None, i64(2, 4, 13, 4)],
+     {"mode": "linear", "coordinate_transformation_mode": "align_corners"}, 1),
+    ("Resize_axes_to_1", "Resize", [IMG, None, None, i64(1, 9)],
+     {"mode": "linear", "coordinate_transformation_mode": "align_corners", "axes": [2, 3]}, 1),
+    ("Resize_half_pixel_scales", "Resize", [IMG, None, Const(np.array([1, 1, 2, 1.5], np.float32))], {"mode": "linear"}, 1),
+    ("Resize_nearest", "Resize", [IMG, None, None, i64(2, 4, 14, 12)],
+     {"mode": "nearest", "coordinate_transformation_mode": "asymmetric", "nearest_mode": "floor"}, 1),
     ("Expand", "Expand", [f32(3, 1), i64(2, 1, 4)], {}, 1),
     ("Tile", "Tile", [f32(2, 3), i64(2, 3)], {}, 1),
     ("Shape", "Shape", [X], {"start": 1}, 1),
@@ -143,6 +154,8 @@ CASES: list[tuple[str, str, list, dict, int]] = [
     ("MaxPool_ceil", "MaxPool", [IMG], {"kernel_shape": [3, 3], "strides": [2, 2], "ceil_mode": 1}, 1),
     ("MaxPool_pads", "MaxPool", [IMG], {"kernel_shape": [2, 3], "pads": [1, 0, 0, 2]}, 1),
     ("MaxPool_indices", "MaxPool", [IMG], {"kernel_shape": [2, 2], "strides": [2, 2]}, 2),
+    # pads torch cannot take itself: the input is padded first, the indices must still count the input's positions
+    ("MaxPool_indices_end_pads", "MaxPool", [IMG], {"kernel_shape": [3, 2], "strides": [2, 2], "pads": [1, 0, 2, 1]}, 2),
     ("AveragePool_pad_count", "AveragePool", [IMG],
      {"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1], "count_include_pad": 1}, 1),
     ("AveragePool_asym_exclude", "AveragePool", [IMG], {"kernel_shape": [3, 2], "pads": [0, 1, 2, 1]}, 1),

@@ -127,13 +127,20 @@ def max_pool(node: NodeSpec) -> Kernel:
     def run(x: Tensor) -> Tensor | tuple[Tensor, Tensor]:
         kernel, strides, dilations, begin, end = _pool_geometry(node, x)
         nd = len(kernel)
+        size, before = list(x.shape[2:]), list(begin)
         if not _torch_pad_ok(begin, end, kernel, dilations):
             x = F.pad(x, _torch_pads(begin, end), value=float("-inf"))
             begin = [0] * nd
         if not want_indices:
             return _MAX_POOL[nd](x, kernel, strides, begin, dilations, ceil_mode=ceil)
         y, idx = _MAX_POOL[nd](x, kernel, strides, begin, dilations, ceil_mode=ceil, return_indices=True)
-        plane = math.prod(x.shape[2:])
+        if list(x.shape[2:]) != size:  # indices of the padded input: back to the input's own positions
+            rest, flat = idx, torch.zeros_like(idx)
+            for d in reversed(range(nd)):
+                flat = flat + (rest % x.shape[2 + d] - before[d]) * math.prod(size[d + 1:])
+                rest = rest // x.shape[2 + d]
+            idx = flat
+        plane = math.prod(size)
         base = torch.arange(x.shape[0] * x.shape[1], device=x.device).reshape(x.shape[0], x.shape[1], *[1] * nd)
         return y, idx + base * plane
 
