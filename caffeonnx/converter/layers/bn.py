@@ -47,7 +47,7 @@ def _legacy_input(ctx: LayerContext) -> tuple[str, tuple[int, int, int, int]]:
     return (x if len(shape) == 4 else ctx.reshape(x, shape, legacy)), legacy
 
 
-@register_layer("BN", bottoms=1, tops=(1, 3), fork="segnet")
+@register_layer("BN", bottoms=1, tops=(1, 3), fork="segnet", params=True)
 def convert_bn(layer: caffe_pb2.LayerParameter, ctx: LayerContext) -> None:
     """BN: scale·x̂ + shift per channel, x̂ from batch statistics (SegNet LEARN, PSPNet TRAIN) or stored ones."""
     p = layer.bn_param
