@@ -64,6 +64,22 @@ def single_node_model(op: str, inputs: list[np.ndarray | Const | None], attrs: d
 X = f32(2, 3, 4, 5)
 IMG = f32(2, 4, 7, 6, seed=1)
 SCATTER_AT = np.stack([rng(k).permutation(12)[:5] for k in range(6)]).reshape(2, 3, 5)  # distinct per row
+# Fast R-CNN ROIs [batch, x1, y1, x2, y2] in image pixels (spatial_scale 0.5 on IMG's 7x6 map): inside, past the
+# map's edge, a one-pixel box, inverted corners, and one scaling to exact halves (5.5, 6.5: C's round goes up).
+ROIS = np.array([[0, 1.2, 0.8, 9.4, 12.6], [1, 4.2, 2.2, 15.8, 17.4], [1, 6.2, 6.2, 6.4, 6.6], [0, 8.6, 9.2, 2.2, 3.8],
+                 [1, 0.0, 0.0, 11.0, 13.0]], np.float32)
+# NMS: 2 images x 14 boxes [y1, x1, y2, x2] in clusters (overlaps around the thresholds), some with inverted corners,
+# a pair with IoU exactly 0.5 (= the threshold: kept, the test is strict) and equal scores (visited by box index).
+_centre = rng(7).uniform(0.3, 0.7, (2, 3, 2))[:, rng(8).integers(0, 3, 12)] + rng(9).normal(0, 0.05, (2, 12, 2))
+_half = rng(10).uniform(0.08, 0.2, (2, 12, 2))
+NMS_BOXES = np.concatenate([np.concatenate([_centre - _half, _centre + _half], -1),
+                            np.broadcast_to(np.array([[0, 0, 1, 2], [0, 0, 1, 1]], np.float64), (2, 2, 4))], 1)
+NMS_BOXES[:, 1::5] = NMS_BOXES[:, 1::5][..., [2, 3, 0, 1]]  # corners given the other way round
+NMS_BOXES = NMS_BOXES.astype(np.float32)
+NMS_SCORES = rng(11).uniform(0, 1, (2, 3, 14)).astype(np.float32)
+NMS_SCORES[:, :, [3, 8, 12, 13]] = NMS_SCORES[:, :, [5]]  # ties
+NMS_SCORES[1, 0, 6] = 0.25  # exactly the score threshold: not a candidate (it would be kept)
+NMS_CENTRES = np.concatenate([_centre, 2 * _half], -1).astype(np.float32)  # [x_c, y_c, w, h]
 CASES: list[tuple[str, str, list, dict, int]] = [
     *[(op, op, [X], {}, 1) for op in ("Abs", "Neg", "Exp", "Floor", "Ceil", "Sign", "Erf", "Sin", "Cos", "Sigmoid",
                                       "Tanh", "Relu", "Softsign", "Softplus", "Identity", "Round")],
@@ -90,6 +106,11 @@ CASES: list[tuple[str, str, list, dict, int]] = [
     ("ConstantOfShape", "ConstantOfShape", [i64(2, 3)], {"value": numpy_helper.from_array(np.array([1.5], np.float32))}, 1),
     ("Range", "Range", [Const(np.array(1, np.int64)), Const(np.array(9, np.int64)), Const(np.array(3, np.int64))], {}, 1),
     ("TopK", "TopK", [X, i64(2)], {"axis": 2}, 2),
+    # equal values come lower index first (ONNX's rule, which graphs use as a stable sort)
+    ("TopK_ties_smallest", "TopK", [np.array([[3, 1, 3, 2, 1, 3, 1], [0, 0, 0, 0, 0, 0, 0]], np.int64), i64(5)],
+     {"axis": 1, "largest": 0}, 2),
+    ("TopK_ties_largest", "TopK", [Const(np.array([[0.5, 2, 0.5, 2, 2, 0.5, 1, 0.5]] * 2, np.float32).T), i64(6)],
+     {"axis": 0}, 2),
     ("ThresholdedRelu", "ThresholdedRelu", [X], {"alpha": 0.5}, 1),
     ("Gelu", "Gelu", [X], {}, 1),
     ("ReduceMin", "ReduceMin", [X, i64(1)], {}, 1),
@@ -189,6 +210,32 @@ CASES: list[tuple[str, str, list, dict, int]] = [
      [f32(3, 4, 2), Const(np.array([[0, 3], [1, 1], [2, 0]], np.int64))], {"ignore_index": 1, "reduction": "sum"}, 2),
     ("NegativeLogLikelihoodLoss", "NegativeLogLikelihoodLoss",
      [f32(6, 4), Const(np.array([0, 3, 1, 2, 2, 1], np.int64)), Const(f32(4, seed=3, positive=True))], {}, 1),
+    ("HardSwish", "HardSwish", [f32(3, 4, 5) * 4], {}, 1),
+    ("DepthToSpace_DCR", "DepthToSpace", [f32(2, 8, 3, 2)], {"blocksize": 2}, 1),
+    ("DepthToSpace_CRD", "DepthToSpace", [f32(2, 18, 2, 3)], {"blocksize": 3, "mode": "CRD"}, 1),
+    ("MaxRoiPool", "MaxRoiPool", [IMG, Const(ROIS)], {"pooled_shape": [3, 2], "spatial_scale": 0.5}, 1),
+    ("Compress_axis_short", "Compress", [X, np.array([True, False, True])], {"axis": 2}, 1),
+    ("Compress_negative_axis_long", "Compress", [X, np.array([False, True, True, False, True, True, True])],
+     {"axis": -1}, 1),
+    ("Compress_flattened", "Compress", [X, rng(5).uniform(size=100) > 0.6], {}, 1),
+    ("CumSum", "CumSum", [X, Const(np.array(2, np.int64))], {}, 1),
+    ("CumSum_exclusive_reverse", "CumSum", [X, Const(np.array(-1, np.int32))], {"exclusive": 1, "reverse": 1}, 1),
+    ("CumSum_int32_exclusive", "CumSum", [np.arange(-6, 6, dtype=np.int32).reshape(3, 4), Const(np.array(0, np.int64))],
+     {"exclusive": 1}, 1),
+    ("NonZero", "NonZero", [rng(6).integers(-1, 2, (3, 4, 2)).astype(np.int32)], {}, 1),
+    ("NonZero_bool", "NonZero", [X > 0.5], {}, 1),
+    ("NonZero_float", "NonZero", [Const(np.where(X > 0, X, 0))], {}, 1),
+    ("NonMaxSuppression", "NonMaxSuppression", [Const(NMS_BOXES), Const(NMS_SCORES), i64(5),
+                                                Const(np.array([0.5], np.float32)), Const(np.array([0.25], np.float32))],
+     {}, 1),
+    ("NonMaxSuppression_all_kept", "NonMaxSuppression", [Const(NMS_BOXES), Const(NMS_SCORES), i64(100),
+                                                         Const(np.array([1.0], np.float32))], {}, 1),
+    ("NonMaxSuppression_no_threshold", "NonMaxSuppression", [Const(NMS_BOXES), Const(NMS_SCORES), i64(20),
+                                                             Const(np.array([0.3], np.float32))], {}, 1),
+    ("NonMaxSuppression_center", "NonMaxSuppression", [Const(NMS_CENTRES), Const(NMS_SCORES[:, :, :12]), i64(3),
+                                                       Const(np.array([0.2], np.float32)), Const(np.array([0.1], np.float32))],
+     {"center_point_box": 1}, 1),
+    ("NonMaxSuppression_no_max", "NonMaxSuppression", [Const(NMS_BOXES), Const(NMS_SCORES)], {}, 1),
 ]
 
 

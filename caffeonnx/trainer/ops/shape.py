@@ -313,15 +313,19 @@ def arg_max_min(node: NodeSpec) -> Kernel:
 
 @register_op("TopK")
 def topk(node: NodeSpec) -> Kernel:
-    """TopK: the k largest (or smallest) values along `axis` and their int64 indices."""
-    axis, largest, sort = int(node.attr("axis", -1)), bool(node.attr("largest", 1)), bool(node.attr("sorted", 1))
+    """TopK: the k largest (or smallest) values along `axis` and their int64 indices.
+
+    ONNX breaks ties by index (the lower first), which graphs use as a stable sort (SSD's
+    DetectionOutput orders its rows so); torch.topk does not promise it, a stable sort does.
+    """
+    axis, largest = int(node.attr("axis", -1)), bool(node.attr("largest", 1))
     static = ints(node.const(1))
 
     def run(x: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
         kk = host_ints(k, static)
         assert kk is not None
-        values, indices = torch.topk(x, kk[0], dim=axis, largest=largest, sorted=sort)
-        return values, indices
+        values, indices = torch.sort(x, dim=axis, descending=largest, stable=True)
+        return values.narrow(axis, 0, kk[0]), indices.narrow(axis, 0, kk[0])
 
     return run
 
