@@ -141,6 +141,7 @@ CASES: list[tuple[str, str, list, dict, int]] = [
     ("Slice_negative_step", "Slice", [X, i64(-1, 3), i64(-100, 0), i64(2, 3), i64(-1, -2)], {}, 1),
     ("Gather", "Gather", [X, i64(2, -1, 0)], {"axis": 1}, 1),
     ("Gather_scalar", "Gather", [X, Const(np.array(-2, np.int64))], {"axis": 3}, 1),
+    ("Gather_scalar_of_vector", "Gather", [f32(5), Const(np.array(3, np.int64))], {"axis": 0}, 1),
     ("GatherElements", "GatherElements", [f32(3, 4), Const(np.array([[0, 3], [1, 1], [-1, 2]], np.int64))], {"axis": 1}, 1),
     ("ScatterElements", "ScatterElements", [f32(2, 3, 12), Const(SCATTER_AT), f32(2, 3, 5, seed=3)], {"axis": 2}, 1),
     ("ScatterElements_negative", "ScatterElements", [f32(2, 3, 12), Const(SCATTER_AT - 12 * (SCATTER_AT % 2)),

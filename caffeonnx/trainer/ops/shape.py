@@ -181,7 +181,7 @@ def gather(node: NodeSpec) -> Kernel:
         idx = idx.to(x.device).long()
         idx = torch.where(idx < 0, idx + x.shape[a], idx)
         out = x.index_select(a, idx.reshape(-1))
-        return out.reshape(*x.shape[:a], *idx.shape, *x.shape[a + 1:])
+        return out.reshape((*x.shape[:a], *idx.shape, *x.shape[a + 1:]))  # () for a scalar from a 1-D x
 
     return run
 
