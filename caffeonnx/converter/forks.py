@@ -43,8 +43,9 @@ FORKS: dict[str, Fork] = {f.key: f for f in (
     Fork("deeplab", "DeepLab / PSPNet", "hszhao/PSPNet, DeepLab's deeplab-public-ver2", "PSPNet, DeepLab v2, ICNet"),
     Fork("shufflenet", "ShuffleNet", "farmingyard/ShuffleNet", "ShuffleNet v1/v2"),
     Fork("senet", "SENet", "hujie-frank/SENet", "SE-ResNet, SE-BN-Inception (Axpy)"),
-    Fork("mobilenet", "MobileNet forks", "inisis/caffe, Zeitzmz/micronet-caffe, eric612/MobileNet-YOLO, synopsys-caffe",
-         "MobileNet v2/v3 (ReLU6, HardSwish, HardSigmoid)"),
+    Fork("mobilenet", "MobileNet forks", "yonghenglh6/DepthwiseConvolution, farmingyard/caffe-mobilenet (depthwise "
+         "layers); inisis/caffe, Zeitzmz/micronet-caffe, eric612/MobileNet-YOLO, synopsys-caffe (activations)",
+         "MobileNet v1/v2/v3 and MobileNet-SSD variants (depthwise layers, ReLU6, HardSwish, HardSigmoid)"),
     Fork("pixel-shuffle", "PixelShuffle forks", "inisis/caffe, wj1tr0y/gait_extractor", "sub-pixel upsampling (PixelShuffle)"),
     Fork("ceil-mode", "forks with pooling ceil_mode", "BVLC/caffe PR #3057, carried by most forks",
          "DenseNet, ENet, PSPNet (pooling_param { ceil_mode })"),
