@@ -4,6 +4,9 @@ Written from BVLC Caffe's layer sources (Forward_cpu of each layer, LayerSetUp/R
 the shape rules) for the layer types the foreign-ONNX converter writes, so a converted
 prototxt + caffemodel can be run without Caffe and without going back through ONNX.
 Arithmetic is float64, results are stored as float32 like Caffe's blobs.
+
+The segmentation forks' layers (SegNet's Upsample and BN, PSPNet's BN, DeepLab/PSPNet's
+Interp) call the numpy transcriptions of their C++ in tests/spatial_fork_reference.py.
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from caffeonnx.proto import caffe_pb2
+from tests import spatial_fork_reference as fork
 
 Blobs = dict[str, np.ndarray]
 Forward = Callable[[caffe_pb2.LayerParameter, list[np.ndarray], list[np.ndarray]], list[np.ndarray]]
@@ -30,9 +34,14 @@ def layer(*types: str) -> Callable[[Forward], Forward]:
     return decorate
 
 
-def forward(net: caffe_pb2.NetParameter, weights: dict[str, list[np.ndarray]], feeds: Blobs) -> Blobs:
-    """Run every layer in order; returns every blob by name (the last write of an in-place blob)."""
-    blobs: Blobs = {}
+def forward(net: caffe_pb2.NetParameter, weights: dict[str, list[np.ndarray]], feeds: Blobs,
+            layer_tops: dict[str, list[np.ndarray]] | None = None) -> Blobs:
+    """Run every layer in order; returns every blob by name (the last write of an in-place blob).
+
+    `layer_tops`, when given, receives each layer's own tops by layer name: an in-place
+    layer's write is otherwise lost to the next layer that writes the same blob.
+    """
+    blobs: Blobs = {name: np.asarray(feeds[name], dtype=np.float32) for name in net.input}  # legacy `input:` fields
     for lay in net.layer:
         if lay.type == "Input":
             for top in lay.top:
@@ -47,8 +56,10 @@ def forward(net: caffe_pb2.NetParameter, weights: dict[str, list[np.ndarray]], f
         params = [np.asarray(p, dtype=np.float64) for p in weights.get(lay.name, [])]
         tops = _LAYERS[lay.type](lay, bottoms, params)
         assert len(tops) == len(lay.top), f"layer {lay.name!r}: {len(tops)} results for {len(lay.top)} tops"
-        for name, value in zip(lay.top, tops):
-            blobs[name] = np.asarray(value, dtype=np.float32)
+        tops = [np.asarray(value, dtype=np.float32) for value in tops]
+        blobs.update(zip(lay.top, tops))
+        if layer_tops is not None:
+            layer_tops[lay.name] = tops
     return blobs
 
 
@@ -155,18 +166,26 @@ def _pooling(lay, bottoms, params):
         oh -= (oh - 1) * sh >= height + ph
         ow -= (ow - 1) * sw >= width + pw
     y = np.zeros((num, ch, oh, ow))
+    mask = np.full((num, ch, oh, ow), -1.0)
     for i in range(oh):
         for j in range(ow):
             hs, ws = i * sh - ph, j * sw - pw
             if p.pool == caffe_pb2.PoolingParameter.MAX:
                 he, we = min(hs + kh, height), min(ws + kw, width)
                 hs, ws = max(hs, 0), max(ws, 0)
-                y[:, :, i, j] = x[:, :, hs:he, ws:we].max(axis=(2, 3))
+                window = x[:, :, hs:he, ws:we].reshape(num, ch, -1)
+                # Caffe scans h then w and replaces on a strictly greater value: the first maximum wins
+                first = window.argmax(axis=2)
+                y[:, :, i, j] = np.take_along_axis(window, first[..., None], axis=2)[..., 0]
+                mask[:, :, i, j] = (hs + first // (we - ws)) * width + ws + first % (we - ws)
             else:
                 he, we = min(hs + kh, height + ph), min(ws + kw, width + pw)
                 size = (he - hs) * (we - ws)
                 hs, ws, he, we = max(hs, 0), max(ws, 0), min(he, height), min(we, width)
                 y[:, :, i, j] = x[:, :, hs:he, ws:we].sum(axis=(2, 3)) / size
+    if len(lay.top) > 1:  # the MAX mask top: the argmax's offset h·W + w in its (n, c) plane, as float
+        assert p.pool == caffe_pb2.PoolingParameter.MAX, f"layer {lay.name!r}: a mask top needs MAX pooling"
+        return [y, mask]
     return [y]
 
 
@@ -174,7 +193,9 @@ def _pooling(lay, bottoms, params):
 @layer("BatchNorm")
 def _batch_norm(lay, bottoms, params):
     p = lay.batch_norm_param
-    assert p.use_global_stats, "caffe_numpy runs BatchNorm with global statistics only"
+    # Caffe's BatchNorm uses the stored statistics in TEST unless use_global_stats says otherwise
+    assert not p.HasField("use_global_stats") or p.use_global_stats, \
+        "caffe_numpy runs BatchNorm with global statistics only"
     x = bottoms[0]
     s = params[2][0]
     factor = 0.0 if s == 0 else 1.0 / s
@@ -319,6 +340,12 @@ def _split(lay, bottoms, params):
     return [bottoms[0].copy() for _ in lay.top]
 
 
+@layer("Dropout")
+def _dropout(lay, bottoms, params):
+    """DropoutLayer in TEST: a copy of the bottom."""
+    return [bottoms[0].copy()]
+
+
 @layer("Silence")
 def _silence(lay, bottoms, params):
     return []
@@ -349,3 +376,62 @@ def _permute(lay, bottoms, params):
     order = list(lay.permute_param.order)
     order += [a for a in range(x.ndim) if a not in order]
     return [x.transpose(order)]
+
+
+# --- segmentation forks (SegNet, DeepLab/PSPNet) ---------------------------------------------
+_SEGNET_BN = ("bn_mode", "scale_filler", "shift_filler")
+_PSPNET_BN = ("slope_filler", "bias_filler", "momentum", "eps", "frozen", "engine")
+
+
+@layer("BN")
+def _bn(lay, bottoms, params):
+    """SegNet's BN (scale, shift; INFERENCE or LEARN) or PSPNet's (slope, bias, mean, variance; TEST uses the stored ones).
+
+    Told apart by the bn_param fields set (none: SegNet's, whose bn_mode defaults to LEARN),
+    and checked against the number of blobs each fork's layer owns.
+    """
+    p = lay.bn_param
+    x = bottoms[0]
+    legacy = (*x.shape, 1, 1, 1)[:4]  # BN reads num/channels/height/width
+    x4 = x.reshape(legacy)
+    if any(p.HasField(f) for f in _PSPNET_BN):
+        assert not any(p.HasField(f) for f in _SEGNET_BN), f"layer {lay.name!r} mixes SegNet and PSPNet BN fields"
+        assert len(params) == 4, f"PSPNet BN {lay.name!r} owns 4 blobs, the caffemodel has {len(params)}"
+        slope, bias, mean, var = params
+        top = fork.pspnet_bn_forward(x4, slope, bias, mean, var, p.eps, stored=True)["top"]
+        return [top.reshape(x.shape)]
+    assert len(params) == 2, f"SegNet BN {lay.name!r} owns 2 blobs, the caffemodel has {len(params)}"
+    learn = p.bn_mode == caffe_pb2.BNParameter.LEARN
+    out = fork.segnet_bn_forward(x4, params[0], params[1], learn)
+    extra = [out["mean"], out["var"]] if learn else []
+    return [out["top"], *extra[:len(lay.top) - 1]]
+
+
+@layer("Upsample")
+def _upsample(lay, bottoms, params):
+    """SegNet's UpsampleLayer: each bottom value written at its max-pooling mask offset in a zero top."""
+    p = lay.upsample_param
+    x, mask = bottoms
+    scale = (p.scale_h, p.scale_w) if p.HasField("scale_h") else (p.scale, p.scale)
+    given = (p.upsample_h, p.upsample_w) if p.HasField("upsample_h") and p.HasField("upsample_w") else None
+    out_h, out_w = fork.upsample_size(x.shape[2], x.shape[3], scale, (p.pad_out_h, p.pad_out_w), given)
+    return [fork.upsample_forward(x.astype(np.float32), mask, out_h, out_w)]
+
+
+@layer("Interp")
+def _interp(lay, bottoms, params):
+    """DeepLab/PSPNet's InterpLayer: bilinear resize with aligned corners, sized by exactly one spec."""
+    p = lay.interp_param
+    x = bottoms[0]
+    specs = {"zoom": p.HasField("zoom_factor"), "shrink": p.HasField("shrink_factor"),
+             "size": p.HasField("height") and p.HasField("width"), "bottom": len(bottoms) == 2}
+    assert sum(specs.values()) == 1, f"layer {lay.name!r}: give exactly one output size spec ({specs})"
+    size = None
+    if specs["size"]:
+        size = (p.height, p.width)
+    elif specs["bottom"]:
+        size = tuple((*bottoms[1].shape, 1, 1)[2:4])  # the second bottom's legacy height and width
+    out_h, out_w = fork.interp_size(x.shape[2], x.shape[3], zoom=p.zoom_factor if specs["zoom"] else None,
+                                    shrink=p.shrink_factor if specs["shrink"] else None, size=size,
+                                    pad_beg=p.pad_beg, pad_end=p.pad_end)
+    return [fork.interp_forward(x, out_h, out_w, p.pad_beg, p.pad_end)]
