@@ -283,7 +283,7 @@ def read_caffemodel(path: str | os.PathLike[str]) -> CaffeWeights:
             numbers = forks.read_numbers(layer.type)
             if numbers:  # a fork numbered this layer type's param field differently from BVLC
                 layer.Clear()
-                layer.MergeFromString(_renumber(_Scanner(msg, p), len(msg), numbers))
+                layer.MergeFromString(_renumber(_Scanner(msg, p), 0, len(msg), numbers))
     except DecodeError as exc:
         raise InputFileError(f"{p}: not a binary caffemodel ({exc}); pass the .caffemodel, not the prototxt") from None
     if not layer_msgs:
@@ -302,15 +302,21 @@ def read_caffemodel(path: str | os.PathLike[str]) -> CaffeWeights:
     return weights
 
 
-def _renumber(sc: _Scanner, end: int, numbers: Mapping[int, int]) -> bytes:
-    """The message in `sc.buf[:end]` with the top-level fields in `numbers` moved to their new numbers."""
+def _renumber(sc: _Scanner, start: int, end: int, numbers: forks.Renumbering) -> bytes:
+    """The message in `sc.buf[start:end]` with the fields in `numbers` moved to their new numbers,
+    and, inside a moved message field, its own fields as that field's inner renumbering says."""
     out = bytearray()
-    for fnum, wt, fs, _vs, ve, _ in sc.fields(0, end):
-        if fnum in numbers:
-            _, after_key = sc.varint(fs, end)
-            out += key(numbers[fnum], wt) + sc.buf[after_key:ve]
-        else:
+    for fnum, wt, fs, vs, ve, _ in sc.fields(start, end):
+        if fnum not in numbers:
             out += sc.buf[fs:ve]
+            continue
+        number, inner = numbers[fnum]
+        if inner and wt == 2:
+            body = _renumber(sc, vs, ve, inner)
+            out += length_delimited(number, len(body)) + body
+        else:
+            _, after_key = sc.varint(fs, end)
+            out += key(number, wt) + sc.buf[after_key:ve]
     return bytes(out)
 
 
@@ -321,9 +327,9 @@ def _fork_wire_bytes(layer: caffe_pb2.LayerParameter) -> bytes:
         ceil = layer.pooling_param.ceil_mode
         layer.pooling_param.ClearField("ceil_mode")
         layer.pooling_param.round_mode = caffe_pb2.PoolingParameter.RoundMode.Value("FLOOR" if ceil else "CEIL")
+    numbers = forks.write_numbers(layer)
     head = layer.SerializeToString()
-    numbers = forks.write_numbers(layer.type)
-    return _renumber(_Scanner(head, Path("<layer>")), len(head), numbers) if numbers else head
+    return _renumber(_Scanner(head, Path("<layer>")), 0, len(head), numbers) if numbers else head
 
 
 def _is_text(head: bytes) -> bool:

@@ -1,15 +1,20 @@
 """The Caffe forks caffeonnx reads, and the field numbers where they disagree with BVLC.
 
 Why this exists: most Caffe models people still convert were trained with a fork
-(SSD, SegNet, DeepLab/PSPNet, ShuffleNet, Faster R-CNN, R-FCN), whose caffe.proto adds
-layer types and fields to BVLC's.  Text prototxts name fields, so one schema with every
-fork's fields parses them all.  Binary caffemodels number fields, and three forks reused
-numbers BVLC gives to something else:
+(SSD, SegNet, DeepLab/PSPNet, ShuffleNet, Faster R-CNN, R-FCN, DeconvNet), whose caffe.proto
+adds layer types and fields to BVLC's.  Text prototxts name fields, so one schema with every
+fork's fields parses them all.  Binary caffemodels number fields, and some forks reused
+numbers BVLC, or another fork, gives to something else:
 
 - SegNet's `upsample_param` is 137 (BVLC: `embed_param`), DeepLab's `interp_param` is 143
   (BVLC: `input_param`), OpenCV's `proposal_param` is 201 (SSD: `multibox_loss_param`).
   These are told apart by the layer's type: on a layer of type Upsample, field 137 is the
-  upsample_param (`FIELD_BY_TYPE`).
+  upsample_param (`FORK_FIELDS`).
+- Two forks define a layer type "BN": SegNet's `bn_param` is 45 with scale_filler,
+  shift_filler, bn_mode at 1, 2, 3; PSPNet's is 152 with slope_filler, bias_filler, momentum
+  at 1, 2, 3.  On a BN layer field 152 is PSPNet's, and its fields 1-3 move too (a
+  `ForkField`'s `inner` numbers); a BN layer setting PSPNet's fields is written back that way
+  (`marks`), and is labelled PSPNet's rather than SegNet's (`layer_fork`).
 - `pooling_param` field 13 is BVLC master's `round_mode` enum (CEIL = 0, FLOOR = 1) and the
   forks' `ceil_mode` bool (true = 1 = ceil): the same bytes mean opposite things and the
   layer type cannot tell.  The prototxt's spelling decides (`adopt_spelling`): a caffemodel
@@ -21,6 +26,7 @@ it to and from the fork's number when caffemodel bytes are read or written.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from caffeonnx.proto import caffe_pb2
@@ -53,37 +59,88 @@ FORKS: dict[str, Fork] = {f.key: f for f in (
     Fork("rfcn", "R-FCN", "daijifeng001/caffe-rfcn", "R-FCN"),
     Fork("opencv", "OpenCV DNN's Caffe schema", "opencv/opencv (modules/dnn, opencv-caffe.proto)",
          "Faster R-CNN with a C++ Proposal layer"),
+    Fork("deconvnet", "DeconvNet", "HyeonwooNoh/caffe (V1 nets only)",
+         "DeconvNet, EDeconvNet (V1 type UNPOOLING; its BN is SegNet's)"),
 )}
 
+# PSPNet's bn_param fields (SegNet's BNParameter has scale_filler, shift_filler, bn_mode).
+PSPNET_BN_FIELDS = ("slope_filler", "bias_filler", "momentum", "eps", "frozen", "engine")
 
-# (layer type, LayerParameter field) -> the field's number in that layer type's fork.
-FIELD_BY_TYPE: dict[tuple[str, str], int] = {
-    ("Upsample", "upsample_param"): 137,
-    ("Interp", "interp_param"): 143,
-    ("Proposal", "proposal_param"): 201,
-}
+
+@dataclass(frozen=True)
+class ForkField:
+    """A LayerParameter field that a fork numbers differently from caffe.proto, on layers of one type.
+
+    `inner` gives the fork's numbers of fields inside the message that caffe.proto declares
+    under private numbers.  `marks` names the message fields only this fork has, for a layer
+    type a second fork also defines with the field at caffe.proto's number: a layer setting
+    one of them is this fork's (written at `number`), any other the second fork's.
+    """
+
+    layer_type: str
+    field: str  # LayerParameter field name
+    number: int  # the fork's number for it
+    fork: str  # FORKS key
+    inner: tuple[tuple[str, int], ...] = ()  # (sub-message field name, the fork's number for it)
+    marks: tuple[str, ...] = ()
+
+
+FORK_FIELDS: tuple[ForkField, ...] = (
+    ForkField("Upsample", "upsample_param", 137, "segnet"),
+    ForkField("Interp", "interp_param", 143, "deeplab"),
+    ForkField("Proposal", "proposal_param", 201, "opencv"),
+    ForkField("BN", "bn_param", 152, "deeplab", (("slope_filler", 1), ("bias_filler", 2), ("momentum", 3)),
+              PSPNET_BN_FIELDS),
+)
+
+# A renumbering: a field's number as found -> (its number to write, the renumbering inside its message).
+Renumbering = Mapping[int, tuple[int, "Renumbering"]]
 
 _LAYER_FIELDS = caffe_pb2.LayerParameter.DESCRIPTOR.fields_by_name
 _POOLING_FIELDS = caffe_pb2.PoolingParameter.DESCRIPTOR.fields_by_name
-# layer type -> {fork number: schema number}, and back
-_READ: dict[str, dict[int, int]] = {}
-_WRITE: dict[str, dict[int, int]] = {}
-for (_type, _field), _wire in FIELD_BY_TYPE.items():
-    _READ.setdefault(_type, {})[_wire] = _LAYER_FIELDS[_field].number
-    _WRITE.setdefault(_type, {})[_LAYER_FIELDS[_field].number] = _wire
+
+
+def _moves(entry: ForkField) -> tuple[int, dict[int, int]]:
+    """caffe.proto's number of `entry`'s field, and {caffe.proto's number: the fork's} inside its message."""
+    descriptor = _LAYER_FIELDS[entry.field]
+    inner = descriptor.message_type.fields_by_name
+    return descriptor.number, {inner[name].number: number for name, number in entry.inner}
+
+
+# layer type -> the renumbering that reads its fork fields
+_READ: dict[str, dict[int, tuple[int, Renumbering]]] = {}
+for _entry in FORK_FIELDS:
+    _schema, _inner = _moves(_entry)
+    _READ.setdefault(_entry.layer_type, {})[_entry.number] = (
+        _schema, {fork: (schema, {}) for schema, fork in _inner.items()})
 
 POOLING_ROUND_MODE = _POOLING_FIELDS["round_mode"].number  # 13: BVLC's and the forks' ceil_mode
 POOLING_CEIL_MODE = _POOLING_FIELDS["ceil_mode"].number  # its private number in caffe.proto
 
 
-def read_numbers(layer_type: str) -> dict[int, int]:
-    """For a caffemodel layer of `layer_type`: fork field number -> caffe.proto's number."""
+def _marked(layer: caffe_pb2.LayerParameter, entry: ForkField) -> bool:
+    """Whether `layer` sets one of the fields that only `entry`'s fork has."""
+    message = getattr(layer, entry.field)
+    return any(message.HasField(name) for name in entry.marks)
+
+
+def read_numbers(layer_type: str) -> Renumbering:
+    """For a caffemodel layer of `layer_type`: fork field number -> (caffe.proto's number, inner renumbering)."""
     return _READ.get(layer_type, {})
 
 
-def write_numbers(layer_type: str) -> dict[int, int]:
-    """For a layer of `layer_type` written to a caffemodel: caffe.proto's number -> the fork's."""
-    return _WRITE.get(layer_type, {})
+def write_numbers(layer: caffe_pb2.LayerParameter) -> Renumbering:
+    """For `layer` written to a caffemodel: caffe.proto's number -> (the fork's number, inner renumbering).
+
+    A fork field with `marks` moves only when the layer sets one of them (PSPNet's BN; SegNet's
+    BN keeps bn_param at 45).
+    """
+    moves: dict[int, tuple[int, Renumbering]] = {}
+    for entry in FORK_FIELDS:
+        if entry.layer_type == layer.type and (not entry.marks or _marked(layer, entry)):
+            schema, inner = _moves(entry)
+            moves[schema] = (entry.number, {s: (f, {}) for s, f in inner.items()})
+    return moves
 
 
 def adopt_spelling(binary: caffe_pb2.NetParameter, text: caffe_pb2.NetParameter) -> None:
@@ -119,9 +176,22 @@ def fork_of_type(layer_type: str) -> str:
     return handler.fork if handler is not None else "bvlc"
 
 
+def layer_fork(layer: caffe_pb2.LayerParameter) -> str:
+    """The fork that defines `layer`'s type as the layer uses it.
+
+    A type two forks define is told by the fields the layer sets (a BN layer with PSPNet's
+    bn_param fields is PSPNet's, else SegNet's); otherwise the type's fork (`fork_of_type`).
+    """
+    for entry in FORK_FIELDS:
+        if entry.layer_type == layer.type and entry.marks and _marked(layer, entry):
+            return entry.fork
+    return fork_of_type(layer.type)
+
+
 def fork_of(layer: caffe_pb2.LayerParameter) -> str:
-    """The fork a layer needs: its type's fork, else the fork of a fork-only field it sets."""
-    fork = fork_of_type(layer.type)
+    """The fork a layer needs: its type's fork (told by its fields where two forks define the type),
+    else the fork of a fork-only field it sets."""
+    fork = layer_fork(layer)
     if fork != "bvlc":
         return fork
     if layer.pooling_param.HasField("ceil_mode"):
@@ -134,7 +204,8 @@ def retarget(net: caffe_pb2.NetParameter, target: str) -> None:
 
     Pooling's ceil_mode becomes BVLC's round_mode for a BVLC target (same windows; the forks
     carry ceil_mode, so it stays for them); a layer type the target lacks cannot be rewritten,
-    so all of them are reported at once.
+    so all of them are reported at once.  A layer type two forks define belongs to the fork
+    whose fields the layer sets (`layer_fork`).
     """
     from caffeonnx.errors import CaffeOnnxError
 
@@ -143,6 +214,9 @@ def retarget(net: caffe_pb2.NetParameter, target: str) -> None:
     if target not in FORKS:
         raise CaffeOnnxError(f"--target {target!r} is not a Caffe caffeonnx knows; use any, "
                              + ", ".join(sorted(FORKS)))
+    if target == "deconvnet":
+        raise CaffeOnnxError("DeconvNet's Caffe reads only V1 nets (layers { type: UNPOOLING }) and to-caffe writes "
+                             "current `layer {}` nets, which it cannot load; use --target any")
     if target == "bvlc":
         for layer in net.layer:
             p = layer.pooling_param
@@ -152,7 +226,7 @@ def retarget(net: caffe_pb2.NetParameter, target: str) -> None:
                 if not ceil:
                     p.round_mode = caffe_pb2.PoolingParameter.FLOOR
     foreign = [(layer.name, layer.type, fork) for layer in net.layer
-               if (fork := fork_of_type(layer.type)) not in ("bvlc", target)]
+               if (fork := layer_fork(layer)) not in ("bvlc", target)]
     if foreign:
         listed = "; ".join(f"{name!r} ({type_}, from {FORKS[fork].name})" for name, type_, fork in foreign)
         raise CaffeOnnxError(

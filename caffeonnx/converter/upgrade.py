@@ -23,6 +23,9 @@ _V1_TYPE_NAMES: dict[int, str] = {
     V1.SILENCE: "Silence", V1.SOFTMAX: "Softmax", V1.SOFTMAX_LOSS: "SoftmaxWithLoss",
     V1.SPLIT: "Split", V1.SLICE: "Slice", V1.TANH: "TanH", V1.WINDOW_DATA: "WindowData",
     V1.THRESHOLD: "Threshold",
+    # Forks' V1 types.  DeconvNet's Caffe (HyeonwooNoh/caffe) has no V2 layers, so nothing of its
+    # own names these: BN is SegNet's V2 type (the same layer and message), Unpooling its C++ class.
+    V1.BN: "BN", V1.UNPOOLING: "Unpooling",
 }
 
 # V1 sub-messages that have the same type (and name) in LayerParameter.
@@ -34,6 +37,7 @@ _V1_SHARED_PARAMS = (
     "memory_data_param", "mvn_param", "pooling_param", "power_param", "relu_param",
     "sigmoid_param", "softmax_param", "slice_param", "tanh_param", "threshold_param",
     "window_data_param", "transform_param", "loss_param",
+    "bn_param", "unpooling_param",  # DeconvNet's
 )
 
 _V0_TYPES: dict[str, int] = {

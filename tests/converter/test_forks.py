@@ -244,3 +244,128 @@ layer { name: "Silence" type: "Silence" bottom: "class8_ab" }
 """)
     assert [o.name for o in converted.to_proto().graph.output] == ["class8_ab"]
     assert run(converted, {"data_l": np.ones((1, 1, 8, 8), np.float32)})["class8_ab"].shape == (1, 2, 8, 8)
+
+
+# --- BN: SegNet's (bn_param 45) and PSPNet's (bn_param 152, its fields 1-3 its own) -------------
+
+def _wire_fields(buf: bytes) -> dict[int, list[int | bytes]]:
+    """A message's top-level fields as read off the wire: number -> values (varints as ints, others raw)."""
+    def varint(pos: int) -> tuple[int, int]:
+        value = shift = 0
+        while True:
+            byte = buf[pos]
+            value, pos, shift = value | (byte & 0x7F) << shift, pos + 1, shift + 7
+            if not byte & 0x80:
+                return value, pos
+
+    fields: dict[int, list[int | bytes]] = {}
+    pos = 0
+    while pos < len(buf):
+        tag, pos = varint(pos)
+        number, wire = tag >> 3, tag & 7
+        if wire == 0:
+            value, pos = varint(pos)
+        elif wire == 2:
+            size, pos = varint(pos)
+            value, pos = buf[pos:pos + size], pos + size
+        else:
+            width = {1: 8, 5: 4}[wire]
+            value, pos = buf[pos:pos + width], pos + width
+        fields.setdefault(number, []).append(value)
+    return fields
+
+
+def _filler(value: float) -> bytes:
+    return caffe_pb2.FillerParameter(type="constant", value=value).SerializeToString()
+
+
+# pspnet50_ADE20K_473.prototxt's first BN and segnet_inference.prototxt's, as their Caffes save them
+PSPNET_BN_WIRE = (length_delimited(1, len(_filler(1))) + _filler(1) + length_delimited(2, len(_filler(0))) + _filler(0)
+                  + key(3, 5) + np.float32(0.95).tobytes() + key(5, 0) + b"\x01")  # slope, bias, momentum, frozen
+SEGNET_BN_WIRE = (key(3, 0) + b"\x01" + length_delimited(1, len(_filler(1))) + _filler(1)
+                  + length_delimited(2, len(_filler(0.001))) + _filler(0.001))  # bn_mode INFERENCE, scale, shift
+
+
+def test_pspnet_and_segnet_bn_caffemodels_read_and_write_their_own_numbers(tmp_path: Path) -> None:
+    """On a BN layer field 152 is PSPNet's bn_param (its 1/2/3: slope_filler, bias_filler, momentum), field 45
+    SegNet's (1/2/3: scale_filler, shift_filler, bn_mode); each is written back where its Caffe reads it."""
+    data = (_layer_bytes("conv1_1_3x3_s2/bn", "BN", length_delimited(152, len(PSPNET_BN_WIRE)) + PSPNET_BN_WIRE)
+            + _layer_bytes("conv1_1_bn", "BN", length_delimited(45, len(SEGNET_BN_WIRE)) + SEGNET_BN_WIRE)
+            + _layer_bytes("conv1_1_3x3_s2/scale", "Scale", length_delimited(152, len(PSPNET_BN_WIRE)) + PSPNET_BN_WIRE))
+    path = tmp_path / "pspnet50_ADE20K.caffemodel"
+    path.write_bytes(data)
+    pspnet, segnet, other = read_caffemodel(path).net.layer
+    p = pspnet.bn_param
+    assert p.slope_filler == caffe_pb2.FillerParameter(type="constant", value=1)
+    assert p.bias_filler == caffe_pb2.FillerParameter(type="constant", value=0)
+    assert p.momentum == np.float32(0.95) and p.frozen
+    assert not any(p.HasField(f) for f in ("scale_filler", "shift_filler", "bn_mode"))
+    s = segnet.bn_param
+    assert s.bn_mode == caffe_pb2.BNParameter.INFERENCE
+    assert s.scale_filler.value == 1 and s.shift_filler.value == np.float32(0.001)
+    assert not any(s.HasField(f) for f in forks.PSPNET_BN_FIELDS)
+    assert not other.HasField("bn_param")  # 152 is PSPNet's bn_param on BN layers only
+    assert (forks.fork_of(pspnet), forks.fork_of(segnet)) == ("deeplab", "segnet")
+
+    out = tmp_path / "again.caffemodel"
+    write_caffemodel(out, read_caffemodel(path).net, {})
+    layers = [_wire_fields(layer) for layer in _wire_fields(out.read_bytes())[100]]
+    written = _wire_fields(layers[0][152][0])
+    assert 45 not in layers[0] and written == {1: [_filler(1)], 2: [_filler(0)], 3: [np.float32(0.95).tobytes()], 5: [1]}
+    assert 152 not in layers[1] and _wire_fields(layers[1][45][0]) == _wire_fields(SEGNET_BN_WIRE)
+    assert read_caffemodel(out).net.layer[:2] == read_caffemodel(path).net.layer[:2]
+
+
+PSPNET_BN_TEXT = """layer {
+  name: "conv1_1_3x3_s2/bn"
+  type: "BN"
+  bottom: "conv1_1_3x3_s2"
+  top: "conv1_1_3x3_s2"
+  param {
+    lr_mult: 1
+    decay_mult: 0
+  }
+  bn_param {
+    slope_filler {
+      type: "constant"
+      value: 1
+    }
+    bias_filler {
+      type: "constant"
+      value: 0
+    }
+    frozen: true
+    momentum: 0.95
+  }
+}
+"""
+SEGNET_BN_TEXT = """layer {
+  bottom: "conv1_1"
+  top: "conv1_1"
+  name: "conv1_1_bn"
+  type: "BN"
+  bn_param {
+    bn_mode: INFERENCE
+    scale_filler {
+      type: "constant"
+      value: 1
+    }
+    shift_filler {
+      type: "constant"
+      value: 0.001
+    }
+ }
+}
+"""
+
+
+def test_to_caffe_target_tells_the_two_bns_apart_by_their_fields() -> None:
+    """A layer type two forks define belongs to the fork whose fields the layer sets."""
+    pspnet, segnet = parse_prototxt(PSPNET_BN_TEXT), parse_prototxt(SEGNET_BN_TEXT)
+    forks.retarget(pspnet, "deeplab")
+    forks.retarget(segnet, "segnet")
+    with pytest.raises(CaffeOnnxError, match=r"'conv1_1_3x3_s2/bn' \(BN, from DeepLab / PSPNet\).*--target deeplab"):
+        forks.retarget(pspnet, "segnet")
+    with pytest.raises(CaffeOnnxError, match=r"'conv1_1_bn' \(BN, from SegNet\).*--target segnet"):
+        forks.retarget(segnet, "deeplab")
+    assert forks.layer_fork(pspnet.layer[0]) == "deeplab" and forks.fork_of_type("BN") == "segnet"

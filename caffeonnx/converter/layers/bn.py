@@ -25,12 +25,12 @@ import numpy as np
 
 from caffeonnx.converter.context import LayerContext
 from caffeonnx.converter.fillers import constant_filler
+from caffeonnx.converter.forks import PSPNET_BN_FIELDS
 from caffeonnx.converter.registry import register_layer
 from caffeonnx.proto import caffe_pb2
 
 B = caffe_pb2.BNParameter
 _SEGNET_FIELDS = ("bn_mode", "scale_filler", "shift_filler")
-_PSPNET_FIELDS = ("slope_filler", "bias_filler", "momentum", "eps", "frozen", "engine")
 _SEGNET_EPS = np.float32(1e-9)  # BNLayer::LayerSetUp's var_eps_
 _FIXED = caffe_pb2.ParamSpec(lr_mult=0.0, decay_mult=0.0)  # what PSPNet's setup writes over the prototxt's spec
 
@@ -52,7 +52,7 @@ def convert_bn(layer: caffe_pb2.LayerParameter, ctx: LayerContext) -> None:
     """BN: scale·x̂ + shift per channel, x̂ from batch statistics (SegNet LEARN, PSPNet TRAIN) or stored ones."""
     p = layer.bn_param
     segnet = [f for f in _SEGNET_FIELDS if p.HasField(f)]
-    pspnet = [f for f in _PSPNET_FIELDS if p.HasField(f)]
+    pspnet = [f for f in PSPNET_BN_FIELDS if p.HasField(f)]
     if segnet and pspnet:
         raise ctx.error(f"bn_param mixes SegNet's BN fields ({', '.join(segnet)}) with PSPNet's ({', '.join(pspnet)}); "
                         "they are two different layers: keep the fields of the fork the model was trained with")

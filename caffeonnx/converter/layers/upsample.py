@@ -49,6 +49,14 @@ def upsample_size(p: caffe_pb2.UpsampleParameter, height: int, width: int, ctx: 
 @register_layer("Upsample", bottoms=2, tops=1, fork="segnet")
 def convert_upsample(layer: caffe_pb2.LayerParameter, ctx: LayerContext) -> None:
     """Upsample: a zero (N, C, H', W') top with each bottom value written at its max-pooling mask offset h·W' + w."""
+    num, channels, height, width = check_mask_bottoms(layer, ctx)
+    out_h, out_w = upsample_size(layer.upsample_param, height, width, ctx)
+    scatter_at_mask(ctx, (num, channels, height, width), out_h, out_w)
+
+
+def check_mask_bottoms(layer: caffe_pb2.LayerParameter, ctx: LayerContext) -> tuple[int, int, int, int]:
+    """The (N, C, H, W) of a data bottom and the max-pooling mask bottom beside it (same shape), for
+    `scatter_at_mask`; SegNet's Upsample and DeconvNet's Unpooling read the mask alike."""
     shape, mask_shape = ctx.input_shapes
     if len(shape) != 4:
         raise ctx.error(f"Input must have 4 axes, corresponding to (num, channels, height, width); bottom "
@@ -63,8 +71,14 @@ def convert_upsample(layer: caffe_pb2.LayerParameter, ctx: LayerContext) -> None
         raise ctx.error(f"needs ONNX opset 11 or later for ScatterElements (got --opset {ctx.options.opset}); "
                         "use --opset 11 or higher")
     num, channels, height, width = shape
-    out_h, out_w = upsample_size(layer.upsample_param, height, width, ctx)
-    ctx.check_count((num, channels, out_h, out_w), f"top {layer.top[0]!r}")
+    return num, channels, height, width
+
+
+def scatter_at_mask(ctx: LayerContext, shape: tuple[int, int, int, int], out_h: int, out_w: int) -> None:
+    """Top 0: a zero (N, C, out_h, out_w) with each value of bottom 0 written at its bottom-1 mask offset
+    h·out_w + w in its own (n, c) plane (the batch size stays dynamic)."""
+    num, channels, height, width = shape
+    ctx.check_count((num, channels, out_h, out_w), f"top {ctx.layer.top[0]!r}")
     x, mask = ctx.inputs
     flat_in, flat_out = (num, channels, height * width), (num, channels, out_h * out_w)
     values = ctx.reshape(x, shape, flat_in)
