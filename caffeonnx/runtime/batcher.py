@@ -29,6 +29,7 @@ class _Pending:
     rows: np.ndarray
     future: asyncio.Future[np.ndarray]
     arrived: float  # loop time
+    queued_ns: int = 0  # time.perf_counter_ns() when submitted (the queue time of the statistics)
 
 
 class DynamicBatcher:
@@ -41,6 +42,7 @@ class DynamicBatcher:
         max_delay: float,
         batching: bool = True,
         on_run: Callable[[int, float], None] | None = None,
+        on_batch: Callable[[int, list[int], tuple[int, int, int]], None] | None = None,
     ) -> None:
         if max_batch < 1 or max_delay < 0:
             raise ValueError(f"max_batch must be >= 1 and max_delay >= 0, got {max_batch} and {max_delay}")
@@ -49,6 +51,8 @@ class DynamicBatcher:
         self.max_delay = max_delay
         self.batching = batching
         self._on_run = on_run  # (rows, seconds) after each model run
+        # (rows, ns each request answered waited, ns to concatenate / run / hand out) after each successful run
+        self._on_batch = on_batch
         self._pending: deque[_Pending] = deque()
         self._queued_rows = 0
         self._wake: asyncio.Future[None] | None = None  # resolved when the waiting worker has what it waits for
@@ -78,7 +82,7 @@ class DynamicBatcher:
             raise RuntimeError("the batcher is not running")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[np.ndarray] = loop.create_future()
-        self._pending.append(_Pending(rows, future, loop.time()))
+        self._pending.append(_Pending(rows, future, loop.time(), time.perf_counter_ns()))
         self._queued_rows += len(rows)
         self._notify()
         return await future
@@ -145,8 +149,9 @@ class DynamicBatcher:
 
     async def _execute(self, loop: asyncio.AbstractEventLoop, live: list[_Pending]) -> None:
         """Run the model once on the concatenated requests and hand out the results."""
+        began = time.perf_counter_ns()
         inputs = live[0].rows if len(live) == 1 else np.concatenate([p.rows for p in live])
-        start = time.perf_counter()
+        concatenated = time.perf_counter_ns()
         try:
             outputs = await loop.run_in_executor(self._executor, self._run, inputs)
         except Exception as exc:  # noqa: BLE001  the model failed: each request of the batch gets the error
@@ -154,11 +159,15 @@ class DynamicBatcher:
                 if not p.future.done():
                     p.future.set_exception(exc)
             return
+        ran = time.perf_counter_ns()
         if self._on_run is not None:
-            self._on_run(len(inputs), time.perf_counter() - start)
-        offset = 0
+            self._on_run(len(inputs), (ran - concatenated) / 1e9)
+        offset, waits = 0, []
         for p in live:
             n = len(p.rows)
             if not p.future.done():
                 p.future.set_result(outputs[offset:offset + n])
+                waits.append(began - p.queued_ns)
             offset += n
+        if self._on_batch is not None:
+            self._on_batch(len(inputs), waits, (concatenated - began, ran - concatenated, time.perf_counter_ns() - ran))

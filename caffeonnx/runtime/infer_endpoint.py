@@ -95,7 +95,7 @@ class InferEndpoint:
     """Answers infer requests for one model through a DynamicBatcher."""
 
     def __init__(self, model: str, inp: TensorSpec, out: TensorSpec, batcher: DynamicBatcher, max_batch: int,
-                 max_body_bytes: int, on_done: Callable[[int, float | None], None]) -> None:
+                 max_body_bytes: int, on_done: Callable[[int, float], None]) -> None:
         self.model, self.input, self.output = model, inp, out
         self.batcher = batcher
         self.max_batch = max_batch
@@ -103,7 +103,7 @@ class InferEndpoint:
         # JSON tensors of max_batch rows fit in this; more would only be parsed into objects to be refused
         self.max_json_bytes = (JSON_BYTES_SLACK + JSON_BYTES_PER_VALUE * max_batch * inp.sample_size
                                if inp.static else None)
-        self._on_done = on_done  # (HTTP status, seconds for a success else None) after each request
+        self._on_done = on_done  # (HTTP status, seconds from the start of the request) after each request
 
     def _rows(self, scope: Scope, body: bytes, headers: dict[bytes, bytes]) -> tuple[InferRequest, np.ndarray]:
         """Check the URL and parse the body: the parsed request and its input rows."""
@@ -123,7 +123,7 @@ class InferEndpoint:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         start = time.perf_counter()
-        status, elapsed = 200, None
+        status = 200
         try:
             headers = dict(scope["headers"])
             self.batcher.expect(1)  # a batch being filled may wait for this request
@@ -135,7 +135,6 @@ class InferEndpoint:
             codes = await self.batcher.submit(rows)
             content, out_headers = infer_response(self.model, parsed, {self.output.name: codes})
             await send_response(send, 200, content, out_headers)
-            elapsed = time.perf_counter() - start
         except ProtocolError as exc:
             status = exc.status
             await send_response(send, status, error_body(exc.message), {"content-type": "application/json"})
@@ -151,4 +150,4 @@ class InferEndpoint:
             await send_response(send, 500, error_body(f"internal error: {type(exc).__name__}: {exc}"),
                                 {"content-type": "application/json"})
         finally:
-            self._on_done(status, elapsed)
+            self._on_done(status, time.perf_counter() - start)

@@ -437,8 +437,13 @@ def open_inputs(path: str | os.PathLike[str], key: str | None = None,
         elif (src / "CURRENT").is_file():
             yield Inputs(_DatumRows(src, opts.datum_color, caffe_pb2.DataParameter.LEVELDB), "LevelDB")
         else:
-            raise InputFileError(f"input {what!r} is a directory without data.mdb (LMDB) or CURRENT (LevelDB); "
-                                 "pass a database, or a file")
+            from caffeonnx.runtime.shards import ShardRows, is_shard_dir
+
+            if not is_shard_dir(src):
+                raise InputFileError(f"input {what!r} is a directory without data.mdb (LMDB) or CURRENT (LevelDB), "
+                                     "nor manifest.json or .npy/.parquet shards; pass a database, shards or a file")
+            shards = ShardRows(src, key)
+            yield Inputs(shards, shards.kind)
         return
     if not src.is_file():
         raise InputFileError(f"input {what!r} does not exist; check the path")
@@ -446,6 +451,11 @@ def open_inputs(path: str | os.PathLike[str], key: str | None = None,
     if head[:8] == _HDF5_MAGIC:
         with _h5py_file(src, what) as h5:
             yield Inputs(_h5_dataset(h5, key, blob, what), "HDF5")
+        return
+    if head[:4] == b"PAR1":  # Parquet (e.g. codes written by encode --format parquet)
+        from caffeonnx.runtime.shards import ParquetRows
+
+        yield Inputs(ParquetRows(src, key), "Parquet file")
         return
     if head[16:20] == _LMDB_MAGIC:
         yield Inputs(_DatumRows(src, opts.datum_color, caffe_pb2.DataParameter.LMDB), "LMDB")

@@ -1,8 +1,10 @@
 """`caffeonnx serve`: one encoder over the Open Inference Protocol v2 (KServe / Triton REST).
 
 Starlette on uvicorn.  Endpoints: GET /v2/health/live, /v2/health/ready, /v2,
-/v2/models/{name}[/versions/1], .../ready, .../config; POST .../infer with JSON
-and binary tensors (see protocol.py); GET /metrics for Prometheus.  Concurrent
+/v2/models/{name}[/versions/1], .../ready, .../config, .../stats and /v2/models/stats
+(Triton's statistics extension, stats.py); POST .../infer with JSON and binary tensors
+(see protocol.py); GET /metrics for Prometheus.  With an access log every request
+gets one line there (access_log.py).  Concurrent
 infer requests are batched (batcher.py).  Client faults get 4xx with
 {"error": message}; bodies over the limit get 413 before they are read.
 
@@ -31,7 +33,7 @@ import signal
 import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import IO, Any, ClassVar
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from starlette.applications import Starlette
@@ -43,10 +45,12 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from caffeonnx import __version__
 from caffeonnx.errors import CaffeOnnxError
+from caffeonnx.runtime.access_log import AccessLog, AccessLogApp
 from caffeonnx.runtime.batcher import DynamicBatcher
 from caffeonnx.runtime.infer_endpoint import INFER_PATH, InferEndpoint, Receive, Scope, Send
 from caffeonnx.runtime.protocol import ProtocolError, model_metadata, triton_config
 from caffeonnx.runtime.session import EncoderSession
+from caffeonnx.runtime.stats import ModelStats
 
 log = logging.getLogger("caffeonnx.serve")
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
@@ -65,6 +69,7 @@ class ServerConfig:
     request_timeout_s: float = 30.0  # a request's head and body must arrive within this of its first byte
     max_connections: int = 512  # open connections; more are refused with 503 (each one holds a descriptor)
     shutdown_timeout_s: float = 10.0  # SIGTERM: requests still open after this get 503 and the server exits
+    access_log: IO[str] | None = None  # one line per request (access_log.py)
 
 
 MAX_HEAD_BYTES = 64 << 10  # request line + headers; a longer head gets 431 (h11's default is 16 KiB)
@@ -88,6 +93,7 @@ class _GuardedHttp(HttpToolsProtocol):
     """
 
     config_limits: ClassVar[ServerConfig]
+    request_log: ClassVar[AccessLog | None] = None  # (uvicorn's protocol has its own `access_log`, a bool)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -102,9 +108,11 @@ class _GuardedHttp(HttpToolsProtocol):
         limit = self.config_limits.max_connections
         if len(self.connections) >= limit:
             self._refused = True
-            transport.write(_raw_response(503, f"the server has {limit} open connections, its --max-connections; "
-                                               "retry later"))
+            body = _raw_response(503, f"the server has {limit} open connections, its --max-connections; retry later")
+            transport.write(body)
             transport.close()
+            if self.request_log is not None:
+                self.request_log.raw(transport.get_extra_info("peername"), None, 503, body)
             return
         super().connection_made(transport)
         self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive, self.timeout_keep_alive_handler)
@@ -169,7 +177,11 @@ class _GuardedHttp(HttpToolsProtocol):
         cycle = None if self._in_head else self.cycle  # the cycle of the request being received, once it has one
         earlier = self._in_head and self.cycle is not None and not self.cycle.response_complete  # pipelined
         if not earlier and (cycle is None or not cycle.response_started):
-            self.transport.write(_raw_response(status, message))
+            body = _raw_response(status, message)
+            self.transport.write(body)
+            if self.request_log is not None:
+                scope = getattr(self, "scope", None) if not self._in_head else None
+                self.request_log.raw(self.transport.get_extra_info("peername"), scope, status, body)
         if cycle is not None and not cycle.response_complete:
             cycle.disconnected = True  # the app's receive() returns http.disconnect and its send() is dropped
             cycle.message_event.set()
@@ -211,13 +223,13 @@ class _Metrics:
         self._batch.observe(rows)
         self._run.observe(seconds)
 
-    def done(self, status: int, seconds: float | None) -> None:
-        """One infer request answered with HTTP `status` (and its latency when it succeeded)."""
+    def done(self, status: int, seconds: float) -> None:
+        """One infer request answered with HTTP `status` after `seconds` (the latency counts successes only)."""
         child = self._codes.get(status)
         if child is None:
             child = self._codes[status] = self.requests.labels(self.model, str(status))
         child.inc()
-        if seconds is not None:
+        if status == 200:
             self.request_seconds.observe(seconds)
 
 
@@ -228,10 +240,11 @@ def _error(message: str, status: int) -> JSONResponse:
 class InferenceApp:
     """The server's ASGI app: infer requests go to the InferEndpoint, everything else to Starlette."""
 
-    def __init__(self, starlette: Starlette, infer: InferEndpoint, metrics: _Metrics) -> None:
+    def __init__(self, starlette: Starlette, infer: InferEndpoint, metrics: _Metrics, stats: ModelStats) -> None:
         self.starlette = starlette
         self.infer = infer
         self.metrics = metrics
+        self.stats = stats
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["path"].endswith("/infer") and INFER_PATH.match(scope["path"]):
@@ -243,8 +256,9 @@ class InferenceApp:
 def build_app(session: EncoderSession, config: ServerConfig) -> InferenceApp:
     """The ASGI app serving `session` as model `config.name`."""
     metrics = _Metrics(config.name, config.max_batch)
+    stats = ModelStats(config.name)
     batcher = DynamicBatcher(session.run, config.max_batch, config.max_delay_ms / 1000, config.batching,
-                             on_run=metrics.on_run)
+                             on_run=metrics.on_run, on_batch=stats.on_batch)
     state = {"ready": False}
     inputs, outputs = [session.input], [session.output]
 
@@ -264,7 +278,7 @@ def build_app(session: EncoderSession, config: ServerConfig) -> InferenceApp:
 
     async def server_metadata(request: Request) -> Response:
         return JSONResponse({"name": "caffeonnx", "version": __version__,
-                             "extensions": ["binary_tensor_data", "model_configuration"]})
+                             "extensions": ["binary_tensor_data", "model_configuration", "statistics"]})
 
     async def metadata(request: Request) -> Response:
         check_model(request)
@@ -278,6 +292,11 @@ def build_app(session: EncoderSession, config: ServerConfig) -> InferenceApp:
         check_model(request)
         delay_us = round(config.max_delay_ms * 1000) if config.batching else 0
         return JSONResponse(triton_config(config.name, inputs, outputs, config.max_batch, delay_us))
+
+    async def model_stats(request: Request) -> Response:
+        if "name" in request.path_params:
+            check_model(request)
+        return JSONResponse({"model_stats": [stats.json()]})
 
     async def prometheus(request: Request) -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
@@ -304,16 +323,21 @@ def build_app(session: EncoderSession, config: ServerConfig) -> InferenceApp:
     for prefix in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}"):
         model_routes += [
             Route(prefix, metadata), Route(f"{prefix}/ready", model_ready), Route(f"{prefix}/config", model_config),
+            Route(f"{prefix}/stats", model_stats),
         ]
     routes = [
         Route("/v2/health/live", live), Route("/v2/health/ready", ready), Route("/v2", server_metadata),
-        *model_routes, Route("/metrics", prometheus),
+        Route("/v2/models/stats", model_stats), *model_routes, Route("/metrics", prometheus),
     ]
     app = Starlette(routes=routes, lifespan=lifespan,
                     exception_handlers={HTTPException: not_found, ProtocolError: protocol_error})
+    def done(status: int, seconds: float) -> None:
+        metrics.done(status, seconds)
+        stats.on_request(status, seconds)
+
     infer = InferEndpoint(config.name, session.input, session.output, batcher, config.max_batch,
-                          config.max_body_bytes, metrics.done)
-    return InferenceApp(app, infer, metrics)
+                          config.max_body_bytes, done)
+    return InferenceApp(app, infer, metrics, stats)
 
 
 def listen(host: str, port: int) -> socket.socket:
@@ -340,11 +364,15 @@ def serve(session: EncoderSession, config: ServerConfig, sock: socket.socket) ->
     """
     import uvicorn
 
-    guarded = type("GuardedHttp", (_GuardedHttp,), {"config_limits": config})
+    access_log = AccessLog(config.access_log) if config.access_log is not None else None
+    guarded = type("GuardedHttp", (_GuardedHttp,), {"config_limits": config, "request_log": access_log})
+    app: Any = build_app(session, config)
+    if access_log is not None:
+        app = AccessLogApp(app, access_log)
     # timeout_keep_alive and timeout_graceful_shutdown are annotated int but used as float seconds (call_later,
     # asyncio.timeout); limit_concurrency is left off: it would answer 503 on every connection once the count is
     # reached, where _GuardedHttp refuses only the connections past it.
-    uv = uvicorn.Config(build_app(session, config), log_level="warning", access_log=False, lifespan="on",
+    uv = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
                         http=guarded, ws="none", proxy_headers=False,
                         timeout_keep_alive=config.keep_alive_s,  # type: ignore[arg-type]
                         timeout_graceful_shutdown=config.shutdown_timeout_s)  # type: ignore[arg-type]

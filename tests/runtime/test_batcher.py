@@ -136,3 +136,27 @@ def test_stop_answers_queued_requests_first() -> None:
 def test_invalid_limits_are_refused() -> None:
     with pytest.raises(ValueError, match="max_batch must be >= 1"):
         DynamicBatcher(Doubler(), 0, 0.01)
+
+
+@pytest.mark.parametrize("batching, sizes, runs", [(True, [2, 5, 1, 3], [(8, 3), (3, 1)]),
+                                                   (False, [2, 1], [(2, 1), (1, 1)])])
+def test_statistics_get_each_run_and_its_requests(batching: bool, sizes: list[int], runs: list[tuple[int, int]]) -> None:
+    """on_batch: rows of each run, one queue wait per request answered, and the three phases of the run."""
+    from caffeonnx.runtime.stats import ModelStats
+
+    stats = ModelStats("m")
+    seen: list[tuple[int, int]] = []
+
+    def on_batch(rows: int, waits: list[int], phases: tuple[int, int, int]) -> None:
+        assert all(w >= 0 for w in waits) and all(p >= 0 for p in phases) and phases[1] > 0
+        seen.append((rows, len(waits)))
+        stats.on_batch(rows, waits, phases)
+
+    batcher = DynamicBatcher(Doubler(), 8, max_delay=0.05, batching=batching, on_batch=on_batch)
+    asyncio.run(_submit_all(batcher, [np.ones((n, 3), np.float32) for n in sizes]))
+    assert seen == runs
+    body = stats.json()
+    assert (body["inference_count"], body["execution_count"]) == (sum(sizes), len(runs))
+    assert body["inference_stats"]["queue"]["count"] == body["inference_stats"]["compute_infer"]["count"] == len(sizes)
+    assert [(b["batch_size"], b["compute_infer"]["count"]) for b in body["batch_stats"]] == \
+        sorted((rows, 1) for rows, _ in runs)
