@@ -81,8 +81,9 @@ def test_train_takes_the_solver_either_way_and_shows_iter_of_max_iter(
 @pytest.mark.parametrize(("args", "fragments"), [
     ([], ["give the solver once", "caffeonnx train --solver SOLVER"]),
     (["solver.prototxt", "--solver", "solver.prototxt"], ["give the solver once", "not both"]),
-    (["solver.prototxt", "--gpu", "all"], ["--gpu all: data-parallel training", "not available yet", "--gpu 0"]),
-    (["solver.prototxt", "--gpu", "0,1"], ["--gpu 0,1: data-parallel training"]),
+    (["solver.prototxt", "--gpu", "all", "--device", "cpu"], ["give --gpu all or --device cpu, not both"]),
+    (["solver.prototxt", "--gpu", "0,1"], ["--gpu 0,1: to train on those GPUs", "CUDA_VISIBLE_DEVICES=0,1",
+                                           "--gpu all"]),
     (["solver.prototxt", "--gpu", "first"], ["--gpu expects a device number", "'first'"]),
     (["solver.prototxt", "--gpu", "0", "--device", "cpu"], ["give --gpu 0 or --device cpu, not both"]),
     (["solver.prototxt", "--threads", "0"], ["--threads must be a positive number of CPU threads, got 0"]),

@@ -49,20 +49,78 @@ def default_threads() -> int:
 
 
 def _device(device: str, gpu: str | None) -> str:
-    """--device, or Caffe's --gpu N (one CUDA device); --gpu all / a list asks for data parallelism, not here."""
+    """--device, or Caffe's --gpu N (one CUDA device); `train --gpu all` is handled by _launch_plan first."""
     if gpu is None:
         return device
     if device != "auto":
         raise CaffeOnnxError(f"give --gpu {gpu} or --device {device}, not both")
     if gpu.isdigit():
         return f"cuda:{int(gpu)}"
-    if gpu == "all" or all(part.strip().isdigit() for part in gpu.split(",")):
-        raise CaffeOnnxError(f"--gpu {gpu}: data-parallel training over several GPUs is not available yet; "
-                             "train on one with --gpu 0")
+    if gpu == "all":
+        raise CaffeOnnxError("--gpu all: only `caffeonnx train` uses several GPUs; give one device number such as 0")
+    if all(part.strip().isdigit() for part in gpu.split(",")):
+        raise CaffeOnnxError(f"--gpu {gpu}: to train on those GPUs run `CUDA_VISIBLE_DEVICES={gpu.replace(' ', '')} "
+                             "caffeonnx train ... --gpu all`; otherwise give one device number such as 0")
     raise CaffeOnnxError(f"--gpu expects a device number such as 0 (or all), got {gpu!r}")
 
 
+def _launch_plan(gpu: str | None, procs: int | None, device: str, under_torchrun: bool) -> tuple[int, str] | None:
+    """(ranks, --device for each) when this command should start the ranks itself, else None (train here).
+
+    --gpu all: one rank per visible CUDA device (torch.cuda.device_count(), so CUDA_VISIBLE_DEVICES chooses them);
+    --procs N: N CPU ranks.  One device or --procs 1 trains in this process.
+    """
+    if procs is None and gpu != "all":
+        return None
+    what = "--gpu all" if procs is None else f"--procs {procs}"
+    if procs is not None and gpu is not None:
+        raise CaffeOnnxError(f"give --procs {procs} (CPU ranks) or --gpu {gpu}, not both")
+    if under_torchrun:
+        raise CaffeOnnxError(f"{what} under torchrun: torchrun has started the ranks already; leave {what} out")
+    if procs is not None:
+        if procs < 1:
+            raise CaffeOnnxError(f"--procs must be a positive number of CPU ranks, got {procs}")
+        if device not in ("auto", "cpu"):
+            raise CaffeOnnxError(f"--procs {procs} starts CPU ranks; for one rank per GPU give --gpu all "
+                                 f"instead of --device {device}")
+        return (procs, "cpu") if procs > 1 else None
+    if device != "auto":
+        raise CaffeOnnxError(f"give --gpu all or --device {device}, not both")
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        raise CaffeOnnxError(f"--gpu all: torch {torch.__version__} sees no CUDA device; train on the CPU (leave out "
+                             "--gpu), or as N CPU ranks with --procs N")
+    return (count, "cuda") if count > 1 else None
+
+
+def _rank_args(ctx: typer.Context, leave_out: set[str], device: str) -> list[str]:
+    """This command's own arguments, as each launched rank gets them: every option given or defaulted, spelled
+    out (so the ranks read the same values), less the launcher's own, with --device for the ranks."""
+    args: list[str] = []
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name or "")
+        if param.name in leave_out or value is None:
+            continue
+        if param.param_type_name != "option":
+            args.append(str(value))
+            continue
+        name = max(param.opts, key=len)
+        secondary = getattr(param, "secondary_opts", [])
+        if getattr(param, "is_flag", False):
+            if secondary or value:
+                args.append(name if value else max(secondary, key=len))
+        elif param.multiple:
+            for item in value:
+                args += [name, str(item)]
+        else:
+            args += [name, str(value)]
+    return [*args, "--device", device]
+
+
 def train(
+    ctx: typer.Context,
     solver: Annotated[Path | None, typer.Argument(
         help="Caffe solver definition (solver.prototxt); or give it with --solver.")] = None,
     solver_option: Annotated[Path | None, typer.Option(
@@ -85,7 +143,11 @@ def train(
                                    "--log-file (torchrun takes --log for its --log-dir).")] = None,
     device: Annotated[str, typer.Option("--device", help="auto (CUDA when available), cpu or cuda.")] = "auto",
     gpu: Annotated[str | None, typer.Option(
-        "--gpu", help="Caffe's --gpu: N trains on CUDA device N (all: several GPUs, not available yet).")] = None,
+        "--gpu", help="Caffe's --gpu: N trains on CUDA device N; all starts one data-parallel rank per visible "
+                      "GPU (NCCL) through torch's elastic launcher.")] = None,
+    procs: Annotated[int | None, typer.Option(
+        "--procs", help="Start N data-parallel CPU ranks (gloo on 127.0.0.1) through torch's elastic launcher, "
+                        "as `torchrun --standalone --nproc_per_node N -m caffeonnx train` would.")] = None,
     threads: Annotated[int | None, typer.Option(
         "--threads", help="torch intra-op CPU threads (default: one per core, less the cores other processes "
                           "keep busy).")] = None,
@@ -114,11 +176,12 @@ def train(
 ) -> None:
     """Train a Caffe net with Caffe's solver semantics (exact updates, lr policies, snapshots).
 
-    Under `torchrun --nproc_per_node N -m caffeonnx train ...` the N ranks train data-parallel as Caffe's multi-GPU
-    training does (gradients averaged over ranks; rank 0 tests and writes every file).
+    Under `torchrun --nproc_per_node N -m caffeonnx train ...`, or started by `--gpu all` / `--procs N`, the N ranks
+    train data-parallel as Caffe's multi-GPU training does (gradients averaged over ranks; rank 0 tests and writes
+    every file).
     """
     from caffeonnx.trainer.build import load_solver
-    from caffeonnx.trainer.distributed import environment
+    from caffeonnx.trainer.distributed import environment, record_error
     from caffeonnx.trainer.session import TrainOptions, run_training
 
     if (solver is None) == (solver_option is None):
@@ -128,6 +191,18 @@ def train(
     assert solver_path is not None
     schedule_end = load_solver(solver_path).max_iter
     ranks = environment(dist_timeout, shard)
+    plan = _launch_plan(gpu, procs, device, ranks is not None)
+    if plan is not None:
+        from caffeonnx.trainer.distributed import launch
+
+        count, rank_device = plan
+        err.print(f"starting {count} ranks through torch's elastic launcher ("
+                  + ("one per GPU, NCCL" if rank_device == "cuda" else "CPU, gloo on 127.0.0.1") + ")",
+                  markup=False, highlight=False)
+        launch(_rank_args(ctx, {"gpu", "procs", "device"}, rank_device), count, dist_timeout)
+        return
+    if gpu == "all" or procs == 1:  # one GPU, or one process: train here
+        gpu, device = (None, "cpu") if procs == 1 else ("0", device)
     root = ranks is None or ranks.root
     opts = TrainOptions(solver_path, weights, snapshot, data, test_data, max_iter, output, log, _device(device, gpu),
                         deterministic, wta or [], stacked or [], stacked_iters, png,
@@ -151,6 +226,10 @@ def train(
     try:
         result = run_training(opts, say=lambda text: bar.console.print(text, markup=False, highlight=False),
                               progress=on_iteration)
+    except CaffeOnnxError as exc:
+        if ranks is not None and record_error(exc):  # a launched rank: the launcher says it, once for all ranks
+            raise SystemExit(2) from None
+        raise
     finally:
         bar.stop()
     last = result.iterations[-1] if result.iterations else None

@@ -15,16 +15,27 @@ One more collective per iteration, of a few numbers, makes every rank agree on w
 or a SIGINT/SIGTERM on any rank stops all of them at the same iteration boundary.  Every
 collective has a timeout (--dist-timeout): a rank that dies or hangs makes the others stop with
 one message instead of hanging.
+
+`caffeonnx train --procs N` and `--gpu all` start the ranks themselves through torch's elastic
+launcher (`launch`, the API torchrun runs on): one node, a c10d rendezvous on 127.0.0.1, no
+restarts.  Ranks started that way write a user error to torch elastic's per-rank error file
+instead of printing it, and the launcher prints one message for all of them (`explain`).
 """
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
+import logging
+import math
 import os
 import re
 import signal
+import sys
 import threading
-from collections.abc import Callable, Iterator, Sequence
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import TypeVar
@@ -222,3 +233,162 @@ class Synchronizer:
     def _on_device(self, t: torch.Tensor) -> torch.Tensor:
         """NCCL collectives need CUDA tensors; gloo takes CPU ones."""
         return t.cuda() if dist.get_backend() == "nccl" else t
+
+
+# ---- the launcher: `caffeonnx train --procs N` / `--gpu all` -------------------------------------------------------
+
+LAUNCHED = "CAFFEONNX_LAUNCHED"  # set for ranks that launch() started: their errors go to the launcher
+_ERROR_FILE = "TORCHELASTIC_ERROR_FILE"  # where torch's elastic agent tells each rank to leave its error
+_STOPPED = {128 + signal.SIGINT, 128 + signal.SIGTERM, -signal.SIGINT, -signal.SIGTERM}  # a stop, not a failure
+
+
+def record_error(exc: CaffeOnnxError) -> bool:
+    """Under launch(): leave the error in this rank's error file for the launcher (True), rather than print it.
+
+    The file is torch elastic's (TORCHELASTIC_ERROR_FILE, its {"message", "timestamp"} form), so torchrun's own
+    failure report would show the message too; `caffeonnx` adds when it happened to the sub-second and whether it
+    is a consequence of another rank's failure (a collective that failed).
+    """
+    path = os.environ.get(_ERROR_FILE)
+    if os.environ.get(LAUNCHED) != "1" or not path:
+        return False
+    now = time.time()
+    record = {"message": str(exc), "timestamp": int(now),
+              "caffeonnx": {"time": now, "consequence": isinstance(exc, DistributedError)}}
+    try:
+        with open(path, "w") as fh:
+            json.dump(record, fh)
+    except OSError:
+        return False  # print it after all
+    return True
+
+
+@dataclass(frozen=True)
+class RankExit:
+    """How one launched rank ended (the launcher's view of torch elastic's ProcessFailure)."""
+
+    rank: int
+    pid: int
+    exitcode: int  # negative: killed by that signal
+    message: str | None = None  # the caffeonnx error it recorded, if any
+    consequence: bool = False  # the message is a failed collective: another rank failed first
+    time: float = 0.0  # when it recorded the message, else when the launcher saw it end (whole seconds)
+
+
+def _signal_name(number: int) -> str:
+    """SIGKILL for 9 (what a negative exit code means to the launcher)."""
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+def explain(exits: Sequence[RankExit], world: int) -> tuple[str | None, int]:
+    """One message and exit code for the launcher from the failed ranks (None: the ranks were stopped by a signal).
+
+    The cause comes first: a user error a rank recorded (the same text from several ranks is said once, as one
+    process would say it), else a rank that was killed or crashed, else a failed collective; ranks that were merely
+    stopped (SIGINT/SIGTERM, what the agent sends the others once one fails) are the cause only if nothing else is.
+    """
+    errors = sorted((e for e in exits if e.message is not None and not e.consequence), key=lambda e: (e.time, e.rank))
+    if errors:
+        texts = list(dict.fromkeys(e.message for e in errors))
+        first = errors[0]
+        return (texts[0] if len(texts) == 1 else f"rank {first.rank} of {world}: {first.message}"), 2
+    resume = "; every rank stopped: resume all ranks from the last snapshot with --snapshot"
+    consequences = sorted((e for e in exits if e.consequence), key=lambda e: (e.time, e.rank))
+    # A hung rank ignores the launcher's SIGTERM and is killed 30 s after the others gave up on it: then the
+    # survivors' --dist-timeout message, recorded well before, is the cause.
+    given_up = consequences[0].time + 2 if consequences else math.inf
+    crashed = sorted((e for e in exits if e.message is None and e.exitcode not in _STOPPED and e.time <= given_up),
+                     key=lambda e: e.rank)
+    if crashed:
+        e = crashed[0]
+        how = (f"was killed by {_signal_name(-e.exitcode)}" if e.exitcode < 0 else
+               "stopped with an error (printed above)" if e.exitcode == 2 else
+               f"exited with code {e.exitcode} without a caffeonnx error (its output above says why)")
+        return f"rank {e.rank} of {world} (pid {e.pid}) {how}{resume}", 2
+    if consequences:
+        return str(consequences[0].message), 2
+    stopped = [e.exitcode for e in exits]
+    return None, 128 + signal.SIGTERM if any(c in (143, -signal.SIGTERM) for c in stopped) else 128 + signal.SIGINT
+
+
+def _exits(failures: Mapping[int, object]) -> list[RankExit]:
+    """torch elastic's ProcessFailure records as RankExits (our own error-file fields when a rank wrote them)."""
+    out = []
+    for rank, failure in failures.items():
+        data = getattr(failure, "error_file_data", None) or {}
+        extra = data.get("caffeonnx") if isinstance(data, dict) else None
+        message = data.get("message") if isinstance(extra, dict) else None
+        seen = float(getattr(failure, "timestamp", 0))
+        out.append(RankExit(int(rank), int(getattr(failure, "pid", -1)), int(getattr(failure, "exitcode", 1)),
+                            message if isinstance(message, str) else None,
+                            bool(extra.get("consequence")) if isinstance(extra, dict) else False,
+                            float(extra.get("time", seen)) if isinstance(extra, dict) else seen))
+    return out
+
+
+@contextlib.contextmanager
+def _launcher_environment(extra: Mapping[str, str]) -> Iterator[None]:
+    """Variables for the ranks (the agent hands them os.environ) and torch elastic's log lines kept off the console
+    for the block: the launcher reports what went wrong in one line of its own."""
+    saved = {name: os.environ.get(name) for name in extra}
+    os.environ.update(extra)
+    quiet = logging.NullHandler()
+    loggers = [logging.getLogger(name) for name in ("torch.distributed.elastic", "torch.distributed.launcher")]
+    for logger in loggers:
+        logger.addHandler(quiet)
+        logger.propagate = False
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeHandler(quiet)
+            logger.propagate = True
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def launch(args: Sequence[str], nproc: int, timeout: float) -> None:
+    """Run `python -m caffeonnx train ARGS` as `nproc` ranks on this machine through torch's elastic launcher.
+
+    What `torchrun --standalone --nproc_per_node N -m caffeonnx train ARGS` does, from torch's own API
+    (torch.distributed.launcher.api: LaunchConfig, elastic_launch): a c10d rendezvous on 127.0.0.1 with a free
+    port, no restarts, OMP_NUM_THREADS=1 unless set.  A signal to the launcher goes to every rank, which stop at
+    the same iteration boundary and rank 0 snapshots; the agent waits `timeout` seconds (--dist-timeout) for that
+    before it kills them.  A failed rank makes the agent stop the others; raises DistributedError with one
+    message, KeyboardInterrupt on SIGINT, SystemExit(128 + signal) on other signals.
+    """
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous.api import RendezvousError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"caffeonnx-{uuid.uuid4().hex}",
+                          role="caffeonnx", rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", local_addr="127.0.0.1",
+                          max_restarts=0, monitor_interval=0.1, start_method="spawn",
+                          shutdown_timeout=max(30, math.ceil(timeout)))
+    extra = {LAUNCHED: "1"}
+    if "OMP_NUM_THREADS" not in os.environ:  # as torchrun: one intra-op thread per rank unless told otherwise
+        extra["OMP_NUM_THREADS"] = "1"
+    with _launcher_environment(extra):
+        try:
+            elastic_launch(config, sys.executable)("-u", "-m", "caffeonnx", "train", *args)
+        except ChildFailedError as exc:
+            message, code = explain(_exits(exc.failures), nproc)
+            if message is not None:
+                raise DistributedError(message) from None
+            if code == 128 + signal.SIGINT:
+                raise KeyboardInterrupt from None
+            raise SystemExit(code) from None
+        except SignalException as exc:  # the agent has passed the signal on and waited for the ranks
+            if exc.sigval == signal.SIGINT:
+                raise KeyboardInterrupt from None
+            raise SystemExit(128 + int(exc.sigval)) from None
+        except (RendezvousError, RuntimeError, OSError) as exc:  # the rendezvous or the agent itself failed
+            raise DistributedError(f"torch's elastic launcher could not run {nproc} ranks: {type(exc).__name__}: "
+                                   f"{exc}") from None

@@ -290,9 +290,6 @@ def _train(opts: TrainOptions, say: Say, progress: Progress | None, device: torc
         raise SolverError("--stacked starts from the initial weights; resume the fine-tuning with --snapshot alone")
     if opts.max_iter is not None and opts.max_iter < 0:
         raise SolverError(f"--max-iter must be >= 0, got {opts.max_iter}")
-    if opts.stacked and sync is not None:
-        raise SolverError("--stacked under torchrun is not available yet: run the greedy phases in one process "
-                          "(-o PREFIX), then fine-tune under torchrun with --weights PREFIX.caffemodel")
     rank, world = (sync.ranks.rank, sync.ranks.world) if sync is not None else (0, 1)
     root = rank == 0
     for warning in warnings:
@@ -324,8 +321,10 @@ def _train(opts: TrainOptions, say: Say, progress: Progress | None, device: torc
             f"{next(iter(data.shapes.values()))[0]} × iter_size {param.iter_size}")
     module.to(device)
     if opts.stacked:
+        if sync is not None:  # the phases start from rank 0's weights too
+            sync.broadcast(list(module.params))
         phase_iters = opts.stacked_iters if opts.stacked_iters is not None else param.max_iter
-        train_stacked(module, param, data, parse_pairs(opts.stacked), phase_iters, str(opts.solver), say)
+        train_stacked(module, param, data, parse_pairs(opts.stacked), phase_iters, str(opts.solver), say, sync)
         say("stacked phases done: fine-tuning the whole net")
     trainer = Trainer(module, param, data, str(opts.solver), sync=sync)
     if opts.snapshot is not None:

@@ -14,6 +14,12 @@ encode_i and decode_i as a shallow autoencoder:
 
 Then the whole net is fine-tuned end to end with the net's loss.  Each phase runs the
 solver from a fresh state (history and lr schedule restart).
+
+Data-parallel (torchrun, --procs, --gpu all): every phase runs on all ranks with the
+gradient all-reduce, phases in order.  Each rank caches x_i for the whole data set
+(the frozen layers below are identical on every rank) and reads its shard of that
+cache as it reads its shard of the data, so N contiguous ranks equal one process with
+iter_size × N phase by phase.
 """
 from __future__ import annotations
 
@@ -25,7 +31,8 @@ import torch
 
 from caffeonnx.errors import CaffeOnnxError
 from caffeonnx.proto import caffe_pb2
-from caffeonnx.trainer.data import BatchSource, DataSource
+from caffeonnx.trainer.data import BatchSource, DataSource, ShardedSource
+from caffeonnx.trainer.distributed import Synchronizer
 from caffeonnx.trainer.graph_module import GraphModule, find_layer
 from caffeonnx.trainer.loop import Iteration, Trainer
 
@@ -110,21 +117,30 @@ class StackedPlan:
 
 
 def train_stacked(module: GraphModule, param: caffe_pb2.SolverParameter, data: DataSource, pairs: list[Pair],
-                  iters: int, source: str, say: Callable[[str], None]) -> list[list[Iteration]]:
-    """Run every greedy phase for `iters` iterations; returns each phase's iterations (weights stay in `module`)."""
+                  iters: int, source: str, say: Callable[[str], None],
+                  sync: Synchronizer | None = None) -> list[list[Iteration]]:
+    """Run every greedy phase for `iters` iterations; returns each phase's iterations (weights stay in `module`).
+
+    Under torchrun `data` is this rank's ShardedSource and `sync` joins the ranks in every phase's iterations.
+    """
     plan = StackedPlan(module, pairs)
     done = []
     trainable = {info.name: (info, p) for info, p in module.named_blobs()}
     for phase in plan.phases:
-        source_data = data if phase.index == 1 else plan.cache_inputs(phase, data)
+        source_data: DataSource = data
         if phase.index > 1:
+            if isinstance(data, ShardedSource):  # cache every sample, then read this rank's shard of the cache
+                cached = plan.cache_inputs(phase, data.source)
+                source_data = ShardedSource(cached, data.rank, data.world, data.mode)
+            else:
+                source_data = plan.cache_inputs(phase, data)
             say(f"stacked phase {phase.index}: cached {phase.x!r} for {min(source_data.samples.values())} samples")
         blobs = [trainable[n] for n in dict.fromkeys(phase.params) if trainable[n][0].lr_mult != 0]
         frozen = [p for info, p in module.named_blobs() if info.name not in phase.params]
         for p in frozen:
             p.requires_grad_(False)
         try:
-            trainer = Trainer(module, param, source_data, source, plan.objective(phase), blobs)
+            trainer = Trainer(module, param, source_data, source, plan.objective(phase), blobs, sync)
             records = trainer.step(iters)
         finally:
             for info, p in module.named_blobs():
