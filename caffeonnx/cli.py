@@ -101,6 +101,9 @@ def convert(
         bool, typer.Option("--init-missing", help="Initialise layers missing from the caffemodel with their fillers.")
     ] = False,
     seed: Annotated[int, typer.Option("--seed", help="Seed for filler initialisation.")] = 0,
+    prior_graph: Annotated[bool, typer.Option(
+        "--prior-graph", help="Compute SSD PriorBox tops from the run-time input size instead of storing them as "
+                              "constants (for a model whose input size you make symbolic afterwards).")] = False,
 ) -> None:
     """Convert a Caffe prototxt (+ caffemodel) to ONNX."""
     from caffeonnx.converter.caffe_to_onnx import convert_files
@@ -108,7 +111,7 @@ def convert(
     from caffeonnx.fileio import check_output
 
     opts = _options(opset, batch, phase, input_shape, stage, level, all_blobs=all_blobs, fp16=fp16,
-                    init_missing=init_missing, seed=seed)
+                    init_missing=init_missing, seed=seed, fold_priors=not prior_graph)
     check_output(output, inputs=[p for p in (prototxt, weights) if p is not None])
     with err.status(f"converting {prototxt.name}"):
         converted = convert_files(prototxt, weights, opts)

@@ -55,6 +55,9 @@ class ConvertOptions:
     input_shapes: dict[str, Shape] = field(default_factory=dict)
     seed: int = 0  # for filler initialisation when there is no caffemodel
     init_missing: bool = False  # layers absent from the caffemodel use their fillers
+    # PriorBox tops as constants (they depend only on the sizes), or computed from the bottoms' run-time
+    # shapes, for a graph whose input size is made symbolic after conversion
+    fold_priors: bool = True
 
 
 def _claim(base: str, taken: set[str]) -> str:

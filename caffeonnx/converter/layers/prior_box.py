@@ -36,10 +36,6 @@ from caffeonnx.proto import caffe_pb2
 f32 = np.float32
 T = TypeVar("T")
 
-# Build the top from run-time shapes instead of folding it to a constant (see emit_prior_graph).
-FOLD_CONSTANT = True
-
-
 @dataclass(frozen=True)
 class PriorSpec:
     """What LayerSetUp derives from prior_box_param: the boxes of one cell and how to place them."""
@@ -269,7 +265,7 @@ def convert_prior_box(layer: caffe_pb2.LayerParameter, ctx: LayerContext) -> Non
     image_hw = legacy_hw(ctx, 1) if spec.image is None else spec.image
     top: Shape = (1, 2, feature_hw[0] * feature_hw[1] * spec.num_priors * 4)
     ctx.check_count(top, f"top {layer.top[0]!r}")
-    if FOLD_CONSTANT:
+    if ctx.options.fold_priors:
         values = prior_values(spec, feature_hw, image_hw)
         ctx.node("Constant", [], [ctx.outputs[0]], value=numpy_helper.from_array(values, ctx.outputs[0]))
     else:

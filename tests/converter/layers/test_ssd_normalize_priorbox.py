@@ -19,7 +19,6 @@ import onnx
 import pytest
 import torch
 
-import caffeonnx.converter.layers.prior_box as prior_box_module
 from caffeonnx.converter.caffe_io import parse_prototxt, write_caffemodel
 from caffeonnx.converter.caffe_to_onnx import convert_files, load_net, load_weights
 from caffeonnx.converter.context import ConvertOptions
@@ -246,14 +245,13 @@ def _dynamic_spatial(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 @pytest.mark.parametrize("case", SUBGRAPH_CASES)
-def test_prior_box_subgraph_follows_runtime_shapes(case: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """With FOLD_CONSTANT off the top is built from the bottoms' run-time shapes (Shape → Range → ...):
+def test_prior_box_subgraph_follows_runtime_shapes(case: str) -> None:
+    """With fold_priors off (convert --prior-graph) the top is built from the bottoms' run-time shapes (Shape → Range → ...):
     converted at one size, run at others, it matches the reference at each."""
     import onnxruntime as ort
 
     _, feature_hw, image_hw, param = next(c for c in PRIOR_CASES + CAFFE_ONLY_CASES if c[0] == case)
-    monkeypatch.setattr(prior_box_module, "FOLD_CONSTANT", False)
-    converted = convert_text(prior_net(feature_hw, image_hw, param))
+    converted = convert_text(prior_net(feature_hw, image_hw, param), fold_priors=False)
     ops = {n.op_type for n in converted.model.graph.node}
     assert {"Shape", "Range"} <= ops, ops
     model = _dynamic_spatial(converted.to_proto())
@@ -267,10 +265,9 @@ def test_prior_box_subgraph_follows_runtime_shapes(case: str, monkeypatch: pytes
         assert_close(got, ref.prior_box(p, f_hw, i_hw), f"{case} at {f_hw} in {i_hw}", atol=1e-6, rtol=0)
 
 
-def test_prior_box_subgraph_runs_in_the_trainer(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_prior_box_subgraph_runs_in_the_trainer() -> None:
     _, feature_hw, image_hw, param = PRIOR_CASES[4]
-    monkeypatch.setattr(prior_box_module, "FOLD_CONSTANT", False)
-    converted = convert_text(prior_net(feature_hw, image_hw, param), phase=caffe_pb2.TRAIN)
+    converted = convert_text(prior_net(feature_hw, image_hw, param), phase=caffe_pb2.TRAIN, fold_priors=False)
     module = GraphModule(converted.model, converted.weights).train()
     feeds = {k: torch.from_numpy(v) for k, v in prior_feeds(feature_hw, image_hw).items()}
     got = module(feeds, ["mbox_priorbox"])["mbox_priorbox"].detach().numpy()
