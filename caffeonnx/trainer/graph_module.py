@@ -78,6 +78,27 @@ class LayerOverride:
     run: Callable[[list[Tensor]], list[Tensor]]
 
 
+class _CaffeNormalize(torch.autograd.Function):
+    """y = s_c·x/‖x‖ forward; SSD's Backward_cpu for the bottom, the true derivative for the scale."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, scale: Tensor, across_spatial: bool, eps: float) -> Tensor:
+        axes = tuple(range(1, x.dim())) if across_spatial else (1,)
+        norm = torch.sqrt((x * x).sum(dim=axes, keepdim=True) + eps)
+        s = scale.reshape(1, -1, *([1] * (x.dim() - 2)))
+        ctx.save_for_backward(x, norm, s)
+        ctx.axes = axes
+        return x / norm * s
+
+    @staticmethod
+    def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
+        x, norm, s = ctx.saved_tensors
+        dx = (dy - x * (x * dy).sum(dim=ctx.axes, keepdim=True) / (norm * norm)) / norm * s
+        per_channel = [0, *range(2, x.dim())]
+        dscale = (dy * x / norm).sum(dim=per_channel)
+        return dx, dscale, None, None
+
+
 @dataclass
 class _Step:
     kernel: Callable[..., Any]
@@ -236,7 +257,25 @@ class GraphModule(nn.Module):
                 found[rec.index] = LayerOverride(rec.name, rec.bottoms, rec.tops, self._batch_norm(layer, rec.params))
             elif layer.type == "SigmoidCrossEntropyLoss" and len(rec.bottoms) == 2 and len(rec.tops) == 1:
                 found[rec.index] = LayerOverride(rec.name, rec.bottoms, rec.tops, self._sigmoid_cross_entropy(layer))
+            elif layer.type == "Normalize" and not layer.norm_param.channel_shared and len(rec.params) == 1:
+                found[rec.index] = LayerOverride(rec.name, rec.bottoms, rec.tops, self._normalize(layer, rec.params))
         return found
+
+    def _normalize(self, layer: caffe_pb2.LayerParameter, blobs: list[str]) -> Callable[[list[Tensor]], list[Tensor]]:
+        """SSD's Normalize with per-channel scales, trained with SSD's own backward.
+
+        NormalizeLayer::Backward_cpu gives the bottom s_c·(dy − x·Σ(x·dy)/‖x‖²)/‖x‖, where the
+        derivative of its forward has Σ(x·s·dy) in place of s_c·Σ(x·dy): the two differ once the
+        channels' scales do, and SSD's models were trained with the former.
+        """
+        p = layer.norm_param
+        eps = float(np.float32(p.eps))
+        scale = self.parameter(blobs[0])
+
+        def run(xs: list[Tensor]) -> list[Tensor]:
+            return [_CaffeNormalize.apply(xs[0], scale, p.across_spatial, eps)]
+
+        return run
 
     def _dropout(self, layer: caffe_pb2.LayerParameter) -> Callable[[list[Tensor]], list[Tensor]]:
         """Caffe Dropout in TRAIN: keep each unit with probability 1 − p and scale it by 1/(1 − p)."""

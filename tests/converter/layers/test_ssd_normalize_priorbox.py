@@ -411,11 +411,10 @@ def test_normalize_forward_and_gradients(case: str, shape: tuple[int, ...], para
     assert_close(top, want, f"{case} (trainer)")
     caffe_dx, caffe_dscale = ref.normalize_backward(x, scale, dy, across, eps)
     assert_close(dscale, caffe_dscale, f"{case} dscale")
-    if shared or scales == "equal":
-        assert_close(dx, caffe_dx, f"{case} dx vs Backward_cpu")
-    else:
-        assert_close(dx, ref.normalize_exact_backward(x, scale, dy, across, eps), f"{case} dx (exact)")
-        spread = float(np.abs(caffe_dx - dx).max())
+    # the trainer trains with SSD's Backward_cpu, also where it is not the exact derivative
+    assert_close(dx, caffe_dx, f"{case} dx vs Backward_cpu")
+    if not shared and scales != "equal":
+        spread = float(np.abs(ref.normalize_exact_backward(x, scale, dy, across, eps) - dx).max())
         assert spread > 1e-3, "per-channel Backward_cpu was expected to differ from the exact derivative here"
 
 
@@ -428,7 +427,7 @@ def test_normalize_gradient_at_zero_is_finite() -> None:
     dy = rng(4).normal(size=shape).astype(np.float32) * np.float32(1e-6)
     top, dx, _ = trainer_grads(normalize_net(shape, RES10_NORM), {"conv4_3_norm": [scale]}, x, dy, "conv4_3_norm")
     assert np.isfinite(dx).all() and np.isfinite(top).all()
-    assert_close(dx, ref.normalize_exact_backward(x, scale, dy, False, 1e-10), "dx", rtol=1e-3)
+    assert_close(dx, ref.normalize_backward(x, scale, dy, False, 1e-10)[0], "dx", rtol=1e-3)
 
 
 @pytest.mark.parametrize(("param", "want"), [
