@@ -15,6 +15,9 @@ numbers BVLC, or another fork, gives to something else:
   at 1, 2, 3.  On a BN layer field 152 is PSPNet's, and its fields 1-3 move too (a
   `ForkField`'s `inner` numbers); a BN layer setting PSPNet's fields is written back that way
   (`marks`), and is labelled PSPNet's rather than SegNet's (`layer_fork`).
+- DenseBox's Resize layer went into three forks under three numbers: `resize_param` is 231 in
+  caffe-windows (caffe.proto's number), 3001 in DenseBox, 251 in inisis/caffe.  The other two
+  are read on a Resize layer (`read_only` entries) and written back at 231.
 - `pooling_param` field 13 is BVLC master's `round_mode` enum (CEIL = 0, FLOOR = 1) and the
   forks' `ceil_mode` bool (true = 1 = ceil): the same bytes mean opposite things and the
   layer type cannot tell.  The prototxt's spelling decides (`adopt_spelling`): a caffemodel
@@ -61,6 +64,8 @@ FORKS: dict[str, Fork] = {f.key: f for f in (
          "Faster R-CNN with a C++ Proposal layer"),
     Fork("deconvnet", "DeconvNet", "HyeonwooNoh/caffe (V1 nets only)",
          "DeconvNet, EDeconvNet (V1 type UNPOOLING; its BN is SegNet's)"),
+    Fork("caffe-windows", "caffe-windows / DenseBox", "happynear/caffe-windows; yangyi02/densebox (where its Resize "
+         "comes from), inisis/caffe", "DenseBox and its multi-scale detectors (Resize with is_pyramid_test)"),
 )}
 
 # PSPNet's bn_param fields (SegNet's BNParameter has scale_filler, shift_filler, bn_mode).
@@ -83,6 +88,7 @@ class ForkField:
     fork: str  # FORKS key
     inner: tuple[tuple[str, int], ...] = ()  # (sub-message field name, the fork's number for it)
     marks: tuple[str, ...] = ()
+    read_only: bool = False  # another fork's number for a field caffe.proto declares at its own: read, never written
 
 
 FORK_FIELDS: tuple[ForkField, ...] = (
@@ -91,6 +97,9 @@ FORK_FIELDS: tuple[ForkField, ...] = (
     ForkField("Proposal", "proposal_param", 201, "opencv"),
     ForkField("BN", "bn_param", 152, "deeplab", (("slope_filler", 1), ("bias_filler", 2), ("momentum", 3)),
               PSPNET_BN_FIELDS),
+    # caffe.proto has resize_param at caffe-windows' 231; DenseBox's and inisis/caffe's caffemodels hold it here
+    ForkField("Resize", "resize_param", 3001, "caffe-windows", read_only=True),
+    ForkField("Resize", "resize_param", 251, "caffe-windows", read_only=True),
 )
 
 # A renumbering: a field's number as found -> (its number to write, the renumbering inside its message).
@@ -137,7 +146,7 @@ def write_numbers(layer: caffe_pb2.LayerParameter) -> Renumbering:
     """
     moves: dict[int, tuple[int, Renumbering]] = {}
     for entry in FORK_FIELDS:
-        if entry.layer_type == layer.type and (not entry.marks or _marked(layer, entry)):
+        if entry.layer_type == layer.type and not entry.read_only and (not entry.marks or _marked(layer, entry)):
             schema, inner = _moves(entry)
             moves[schema] = (entry.number, {s: (f, {}) for s, f in inner.items()})
     return moves

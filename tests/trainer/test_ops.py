@@ -153,6 +153,11 @@ CASES: list[tuple[str, str, list, dict, int]] = [
     ("Resize_half_pixel_scales", "Resize", [IMG, None, Const(np.array([1, 1, 2, 1.5], np.float32))], {"mode": "linear"}, 1),
     ("Resize_nearest", "Resize", [IMG, None, None, i64(2, 4, 14, 12)],
      {"mode": "nearest", "coordinate_transformation_mode": "asymmetric", "nearest_mode": "floor"}, 1),
+    # DenseBox's Resize: asymmetric linear at the given scales (up on one axis, down on the other), and with sizes
+    ("Resize_asymmetric_scales", "Resize", [IMG, None, Const(np.array([1, 1, 2.5, 0.7], np.float32))],
+     {"mode": "linear", "coordinate_transformation_mode": "asymmetric"}, 1),
+    ("Resize_asymmetric_sizes", "Resize", [IMG, None, None, i64(3, 11)],
+     {"mode": "linear", "coordinate_transformation_mode": "asymmetric", "axes": [2, 3]}, 1),
     ("Expand", "Expand", [f32(3, 1), i64(2, 1, 4)], {}, 1),
     ("Tile", "Tile", [f32(2, 3), i64(2, 3)], {}, 1),
     ("Shape", "Shape", [X], {"start": 1}, 1),

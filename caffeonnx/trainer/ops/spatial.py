@@ -49,17 +49,20 @@ def _text(value: object, default: str) -> str:
 
 @register_op("Resize")
 def resize(node: NodeSpec) -> Kernel:
-    """Resize (opset 11+): linear with align_corners / half_pixel / pytorch_half_pixel, or nearest (asymmetric, floor).
+    """Resize (opset 11+): linear with align_corners / half_pixel / pytorch_half_pixel / asymmetric, or nearest
+    (asymmetric, floor).
 
     The output size comes from `sizes` (optionally over `axes`) or from floor(in · scale);
-    only the spatial axes (2 and on) may change, as torch's interpolate resizes.
+    only the spatial axes (2 and on) may change, as torch's interpolate resizes.  Linear
+    asymmetric (x_in = x_out / scale, the given scale or out/in with sizes) has no torch
+    interpolate mode and is built from gathers, whose autograd is the interpolation's adjoint.
     """
     mode = _text(node.attr("mode"), "nearest")
     transform = _text(node.attr("coordinate_transformation_mode"), "half_pixel")
     nearest_mode = _text(node.attr("nearest_mode"), "round_prefer_floor")
     axes_attr = node.attr("axes")
     if mode == "linear":
-        if transform not in ("align_corners", "half_pixel", "pytorch_half_pixel"):
+        if transform not in ("align_corners", "half_pixel", "pytorch_half_pixel", "asymmetric"):
             raise NotImplementedError(f"Resize node {node.name!r}: linear with {transform!r} is not supported")
     elif mode == "nearest":
         if transform != "asymmetric" or nearest_mode != "floor":
@@ -74,21 +77,26 @@ def resize(node: NodeSpec) -> Kernel:
         nd = x.dim()
         axes = [a + nd if a < 0 else a for a in (axes_attr or range(nd))]
         out = list(x.shape)
+        factor = [1.0] * nd  # the scale each axis's coordinates are divided by (asymmetric)
         wanted = host_ints(sizes, s_sizes)
         if wanted is not None and len(wanted):
             for a, n in zip(axes, wanted):
                 out[a] = n
+                factor[a] = n / x.shape[a]
         else:
             factors = s_scales.reshape(-1).tolist() if s_scales is not None else (
                 scales.reshape(-1).tolist() if scales is not None else [])
             if not factors:
                 raise ValueError(f"Resize node {node.name!r}: neither sizes nor scales is given")
             for a, f in zip(axes, factors):
-                out[a] = int(x.shape[a] * float(torch.tensor(f, dtype=torch.float32)))
+                factor[a] = float(torch.tensor(f, dtype=torch.float32))
+                out[a] = int(x.shape[a] * factor[a])
         if out[:2] != list(x.shape[:2]):
             raise NotImplementedError(f"Resize node {node.name!r}: resizing the batch or channel axis "
                                       f"({list(x.shape)} -> {out}) is not supported")
-        if out == list(x.shape):  # every supported mode maps each position onto itself
+        if mode == "linear" and transform == "asymmetric":
+            return _linear_asymmetric(x, out, factor)
+        if out == list(x.shape):  # every other supported mode maps each position onto itself
             return x
         size = out[2:]
         if mode == "nearest":
@@ -103,3 +111,20 @@ def resize(node: NodeSpec) -> Kernel:
         return F.interpolate(x, size=size, mode=interp, align_corners=True)
 
     return run
+
+
+def _linear_asymmetric(x: Tensor, out: list[int], factor: list[float]) -> Tensor:
+    """Linear interpolation axis by axis at x_in = x_out / factor, clamped to [0, in − 1] as onnxruntime does."""
+    for a in range(x.dim()):
+        n_in, n_out = x.shape[a], out[a]
+        if n_out == n_in and factor[a] == 1.0:
+            continue
+        pos = torch.arange(n_out, dtype=torch.float32, device=x.device) / torch.tensor(factor[a], dtype=torch.float32)
+        pos = pos.clamp(0, n_in - 1)
+        low = pos.floor().long().clamp(max=n_in - 1)
+        high = (low + 1).clamp(max=n_in - 1)
+        view = [1] * x.dim()
+        view[a] = n_out
+        frac = (pos - low.to(torch.float32)).to(x.dtype).reshape(view)
+        x = x.index_select(a, low) * (1 - frac) + x.index_select(a, high) * frac
+    return x
