@@ -41,8 +41,23 @@ def seeded_weights(prototxt: Path, tmp: Path, seed: int) -> tuple[Path, Path]:
     return prototxt, weights
 
 
-def caffeonnx_blobs(prototxt: Path, weights: Path, x: np.ndarray) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """Every blob of the converted model, and each layer's name -> the ONNX value of its first top."""
+def input_feeds(prototxt: Path, seed: int) -> dict[str, np.ndarray]:
+    """Seeded uniform(-1, 1) values for every input the net declares, batch 1."""
+    model = convert_files(prototxt).model
+    gen = rng(seed)
+    feeds = {}
+    for inp in model.graph.input:
+        dims = [d.dim_value or 1 for d in inp.type.tensor_type.shape.dim]
+        feeds[inp.name] = gen.uniform(-1, 1, dims).astype(np.float32)
+    return feeds
+
+
+def caffeonnx_blobs(prototxt: Path, weights: Path, x: np.ndarray | dict[str, np.ndarray]
+                    ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Every blob of the converted model, and each layer's name -> the ONNX value of its first top.
+
+    `x` feeds the input "data", or is every input by name.
+    """
     converted = convert_files(prototxt, weights, ConvertOptions(all_blobs=True))
     model = converted.to_proto()
     tops = {rec.name: rec.tops[0] for rec in metadata.layer_records(model) if rec.tops and rec.type != "Input"}
@@ -51,5 +66,6 @@ def caffeonnx_blobs(prototxt: Path, weights: Path, x: np.ndarray) -> tuple[dict[
         if value not in have:
             model.graph.output.append(helper.make_tensor_value_info(value, TensorProto.FLOAT, None))
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    outs = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {"data": x})))
+    feeds = x if isinstance(x, dict) else {"data": x}
+    outs = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
     return outs, tops

@@ -1,10 +1,10 @@
-"""Public architectures in their forks' own form, every blob against OpenCV DNN's Caffe importer.
+"""Public architectures, BVLC's and in their forks' own form, every blob against OpenCV DNN's Caffe importer.
 
-The prototxts in models/ are scaled-down copies of the public deploy files (same layer
-types, parameters and file style: MobileNet-SSD by chuanqi305, OpenCV's res10_300x300 face
-detector, DenseNet-121 by shicai with ceil_mode pooling, ShuffleNet by farmingyard with
-ShuffleChannel and ConvolutionDepthwise), with fewer channels and small
-inputs so the suite stays fast.  Weights are seeded random values written to a caffemodel;
+Every prototxt in models/opencv/ is a scaled-down copy of a public deploy file (same layer
+types, parameters and file style: e.g. MobileNet-SSD by chuanqi305, OpenCV's res10_300x300
+face detector, DenseNet-121 by shicai with ceil_mode pooling, ShuffleNet by farmingyard with
+ShuffleChannel and ConvolutionDepthwise), with fewer channels and small inputs so the suite
+stays fast; each file's header comment names its source.  Weights are seeded random values written to a caffemodel;
 caffeonnx converts prototxt + caffemodel, onnxruntime runs every blob, and OpenCV (an
 independent implementation of each fork layer) runs the same files with fusion off.
 Tolerance: atol 1e-4 + rtol 1e-3 on every blob (float32 through ~20 layers); detections are
@@ -18,19 +18,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.helpers import rng
-from tests.zoo.harness import caffeonnx_blobs, seeded_weights
+from tests.zoo.harness import caffeonnx_blobs, input_feeds, seeded_weights
 
 cv2 = pytest.importorskip("cv2")
 
-MODELS = Path(__file__).parent / "models"
+MODELS = Path(__file__).parent / "models" / "opencv"
 
 
-def opencv_blobs(prototxt: Path, weights: Path, x: np.ndarray, names: list[str]) -> dict[str, np.ndarray]:
+def opencv_blobs(prototxt: Path, weights: Path, feeds: dict[str, np.ndarray], names: list[str]
+                 ) -> dict[str, np.ndarray]:
     net = cv2.dnn.readNetFromCaffe(str(prototxt), str(weights))
     net.enableFusion(False)
     net.setPreferableBackend(cv2.dnn.DNN_BACKEND_OPENCV)
-    net.setInput(x)
+    for name, value in feeds.items():
+        net.setInput(value, name)
     return dict(zip(names, net.forward(names)))
 
 
@@ -63,17 +64,12 @@ def in_order(prototxt: Path, ours: dict[str, np.ndarray], tops: dict[str, str], 
     np.testing.assert_allclose(got, want, atol=1e-6, rtol=0, err_msg="detection_out boxes")
 
 
-@pytest.mark.parametrize(("model", "shape"), [
-    ("densenet121_fork", (1, 3, 35, 35)),
-    ("mobilenet_ssd", (1, 3, 64, 64)),
-    ("res10_300x300_ssd", (1, 3, 48, 48)),
-    ("shufflenet_g3", (1, 3, 40, 40)),
-])
-def test_every_blob_matches_opencv(tmp_path: Path, model: str, shape: tuple[int, ...]) -> None:
+@pytest.mark.parametrize("model", sorted(p.stem for p in MODELS.glob("*.prototxt")))
+def test_every_blob_matches_opencv(tmp_path: Path, model: str) -> None:
     prototxt, weights = seeded_weights(MODELS / f"{model}.prototxt", tmp_path, seed=11)
-    x = rng(12).uniform(-1, 1, shape).astype(np.float32)
-    ours, tops = caffeonnx_blobs(prototxt, weights, x)
-    theirs = opencv_blobs(prototxt, weights, x, list(tops))
+    feeds = input_feeds(prototxt, seed=12)
+    ours, tops = caffeonnx_blobs(prototxt, weights, feeds)
+    theirs = opencv_blobs(prototxt, weights, feeds, list(tops))
     for name, value in tops.items():
         got, want = ours[value], theirs[name]
         if name == "detection_out":

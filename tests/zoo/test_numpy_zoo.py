@@ -37,7 +37,7 @@ from tests.zoo.harness import caffeonnx_blobs, seeded_weights
 
 pytest.importorskip("onnxruntime")
 
-MODELS = Path(__file__).parent / "models"
+MODELS = Path(__file__).parent / "models" / "numpy"
 ATOL, RTOL = 1e-4, 1e-3
 CASES = [
     ("segnet_basic", (1, 3, 24, 32)),  # 24 = 8·3: pool4 sees 3 rows, upsample4 needs pad_out_h
