@@ -225,7 +225,7 @@ def convert_net(
     for name, shape, dtype in builder.inputs:
         dims: list[int | str] = list(shape)
         if opts.batch is None and dims:
-            dims[0] = BATCH_SYMBOL
+            dims[builder.batch_axes.get(name, 0)] = BATCH_SYMBOL
         graph_inputs.append(helper.make_tensor_value_info(name, dtype, dims))
     graph = helper.make_graph(
         builder.nodes,

@@ -81,6 +81,8 @@ class GraphBuilder:
         self.shapes: dict[str, Shape] = {}
         self.dtypes: dict[str, int] = {}
         self.inputs: list[tuple[str, Shape, int]] = []
+        # graph input -> its batch axis where that is not 0 (time-major bottoms of LSTM/RNN: (T, N, ...))
+        self.batch_axes: dict[str, int] = {}
         self._names: set[str] = set()
         self._node_names: set[str] = set()
         self._casts: dict[str, str] = {}

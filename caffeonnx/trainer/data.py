@@ -83,19 +83,29 @@ def _batch_size(layer: caffe_pb2.LayerParameter, top_index: int) -> int | None:
 
 
 def input_shapes(graph_inputs: Mapping[str, Sequence[int]], layers: Sequence[caffe_pb2.LayerParameter]) -> dict[str, Shape]:
-    """Caffe's batch shape of each graph input: the data layer's batch size, then the graph's sample dims."""
+    """Caffe's batch shape of each graph input: the data layer's batch size, then the graph's sample dims.
+
+    A graph input whose batch is not axis 0 (an LSTM's (T, N, ...) x) has a symbolic later axis:
+    it is taken from the Input layer's declared shape, as Caffe's net has it.
+    """
     batch: dict[str, int] = {}
+    declared: dict[str, list[int]] = {}
     for layer in layers:
         for i, top in enumerate(layer.top):
             size = _batch_size(layer, i)
             if size:
                 batch.setdefault(top, size)
+            if layer.type == "Input" and layer.input_param.shape:
+                shapes_ = layer.input_param.shape
+                declared.setdefault(top, list((shapes_[i] if len(shapes_) > 1 else shapes_[0]).dim))
     shapes = {}
     for name, dims in graph_inputs.items():
         first = int(dims[0]) if dims and int(dims[0]) > 0 else batch.get(name)
         if first is None:
             raise DataError(f"input blob {name!r} has no batch size in the net; give its data layer a batch size")
-        shapes[name] = (first, *(int(d) for d in dims[1:]))
+        known = declared.get(name, [])
+        rest = [int(d) if int(d) > 0 or k + 1 >= len(known) else int(known[k + 1]) for k, d in enumerate(dims[1:])]
+        shapes[name] = (first, *rest)
     return shapes
 
 

@@ -55,6 +55,24 @@ class _Inputs:
     states: list[str]  # exposed initial states (1, N, H)
 
 
+def _time_major(ctx: LayerContext, layer: caffe_pb2.LayerParameter, bottoms: list[int]) -> None:
+    """Declare axis 1 (N) the batch of these bottoms where they are graph inputs.
+
+    Axis 0 is the fixed T of x and cont (1 for exposed states): the unrolled graph needs exactly
+    T steps but takes any N, so the ONNX input says (T, "N", ...).  --batch fixes axis 0 of every
+    input, which here is not the batch, so it is refused for them.
+    """
+    graph_inputs = {name for name, _, _ in ctx.builder.inputs}
+    for i in bottoms:
+        if ctx.inputs[i] not in graph_inputs:
+            continue
+        if ctx.options.batch is not None and layer.bottom[i] not in ctx.options.input_shapes:
+            raise ctx.error(f"--batch fixes axis 0 of input {layer.bottom[i]!r}, which {layer.type} does not read as "
+                            "the batch (it is T, or 1 for a state); leave --batch out: the graph takes any number of "
+                            "streams (axis 1)")
+        ctx.builder.batch_axes[ctx.inputs[i]] = 1
+
+
 def _check_counts(layer: caffe_pb2.LayerParameter, ctx: LayerContext, states: int) -> int:
     """The number of exposed states; refuses bottom/top counts that break RecurrentLayer's Min/MaxBottomBlobs."""
     p = layer.recurrent_param
@@ -101,6 +119,7 @@ def _inputs(layer: caffe_pb2.LayerParameter, ctx: LayerContext, states: int) -> 
     if tuple(cont_shape) != (steps, streams):
         raise ctx.error(f"bottom[1] {layer.bottom[1]!r} (cont) has shape {list(cont_shape)}; it must have exactly 2 "
                         f"axes -- (#timesteps, #streams) = {[steps, streams]}, as x {list(shape)}")
+    _time_major(ctx, layer, [0, 1])
     x = ctx.inputs[0]
     width = math.prod(shape[2:])
     if len(shape) != 3:
@@ -126,6 +145,7 @@ def _inputs(layer: caffe_pb2.LayerParameter, ctx: LayerContext, states: int) -> 
             raise ctx.error(f"bottom[{k}] {layer.bottom[k]!r} has shape {list(ctx.input_shapes[k])}; the hidden "
                             f"state input shape must be {[1, streams, hidden]} (1, #streams, num_output)")
         state_values.append(ctx.inputs[k])
+    _time_major(ctx, layer, list(range(first_state, first_state + exposed)))
     return _Inputs(steps, streams, x, conts, static, static_width, state_values)
 
 

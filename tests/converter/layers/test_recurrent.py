@@ -191,7 +191,7 @@ def test_another_number_of_timesteps_is_refused() -> None:
     text, feeds, params = case_data("LSTM", CASES[0])
     converted = convert_text(text, {"lstm1": params})
     longer = {"x": np.concatenate([feeds["x"]] * 2), "cont": np.concatenate([feeds["cont"]] * 2)}
-    with pytest.raises(Exception, match="Split"):
+    with pytest.raises(Exception, match=r"(?s)invalid dimensions for input: x.*index: 0 Got: 8 Expected: 4"):
         run(converted, longer)
 
 
@@ -200,11 +200,17 @@ def test_streams_stay_free() -> None:
     text, feeds, params = case_data("RNN", (4, 3, (3,), (2,), False), seed=6)
     small = text.replace("dim: 4 dim: 3", "dim: 4 dim: 2").replace("dim: 3 dim: 2 }", "dim: 2 dim: 2 }")
     model = convert_text(small, {"rnn1": params}).to_proto()
-    for value in model.graph.input:  # declare axis 1 free, as a user would for another stream count
-        value.type.tensor_type.shape.dim[1 if value.name != "x_static" else 0].dim_param = "streams"
+    dims = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in model.graph.input}
+    assert dims["x"][:2] == [4, "N"] and dims["cont"] == [4, "N"] and dims["x_static"][0] == "N", dims
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     got = sess.run(["out"], feeds)[0]
     assert_close(got, reference("RNN", params, feeds)["out"], "RNN out with 3 streams")
+
+
+def test_batch_option_is_refused_for_time_major_inputs() -> None:
+    """--batch fixes axis 0, which is T for x and cont: the streams axis is already free."""
+    with pytest.raises(LayerError, match=r"--batch fixes axis 0 of input 'x', which LSTM does not read as the batch"):
+        convert_text(recurrent_net("LSTM", 5, 2, (3,), None, False), batch=2)
 
 
 @pytest.mark.parametrize(("kind", "edit", "message"), [
