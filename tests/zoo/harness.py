@@ -24,17 +24,25 @@ def seeded_weights(prototxt: Path, tmp: Path, seed: int) -> tuple[Path, Path]:
     caffe = onnx_to_caffe(converted.to_proto())
     gen = rng(seed)
     blobs: dict[int | str, list[np.ndarray]] = {}
+    shared: dict[str, np.ndarray] = {}  # a named param is one blob: Caffe keeps its per-layer copies identical
     for position, arrays in caffe.blobs.items():
         layer = caffe.net.layer[position]
         new = []
         for i, arr in enumerate(arrays):
+            name = layer.param[i].name if i < len(layer.param) else ""
+            if name in shared:
+                new.append(shared[name].reshape(arr.shape))
+                continue
             if layer.type == "BatchNorm":
                 value = [gen.normal(0, 0.2, arr.shape), gen.uniform(0.5, 1.5, arr.shape), np.ones(arr.shape)][i]
             elif arr.ndim >= 2:
                 value = gen.normal(0, 1 / np.sqrt(max(1, int(np.prod(arr.shape[1:])))), arr.shape)
             else:
                 value = arr + gen.normal(0, 0.1, arr.shape)
-            new.append(value.astype(np.float32))
+            value = value.astype(np.float32)
+            if name:
+                shared[name] = value
+            new.append(value)
         blobs[position] = new
     weights = tmp / f"{prototxt.stem}.caffemodel"
     CaffeNet(caffe.net, blobs).save(tmp / "written.prototxt", weights)
