@@ -99,23 +99,28 @@ def lock_scratch(fd: int) -> None:
     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
-def remove_stale(folder: Path, pattern: re.Pattern[str], before: float) -> list[Path]:
-    """Remove files of `folder` whose whole name matches `pattern`, older than `before` (a time) and not in use.
+def remove_stale(folder: Path, pattern: re.Pattern[str], before: float, directories: bool = False) -> list[Path]:
+    """Remove files (or `directories`) of `folder` whose whole name matches `pattern`, older than `before`
+    (a time) and not in use.
 
-    In use means another process holds an flock on it (`lock_scratch`); symlinks and non-files are left alone.
+    In use means another process holds an flock on it (`lock_scratch`); symlinks and other kinds are left alone.
     """
     removed = []
     with contextlib.suppress(OSError), os.scandir(folder) as entries:
         for entry in entries:
-            if not pattern.fullmatch(entry.name) or not entry.is_file(follow_symlinks=False):
+            kind_ok = entry.is_dir(follow_symlinks=False) if directories else entry.is_file(follow_symlinks=False)
+            if not pattern.fullmatch(entry.name) or not kind_ok:
                 continue
             with contextlib.suppress(OSError):
                 if entry.stat(follow_symlinks=False).st_mtime >= before:
                     continue
-                fd = os.open(entry.path, os.O_RDONLY | os.O_NOFOLLOW)
+                fd = os.open(entry.path, os.O_RDONLY | os.O_NOFOLLOW | (os.O_DIRECTORY if directories else 0))
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # fails while a live run holds it
-                    os.unlink(entry.path)
+                    if directories:
+                        shutil.rmtree(entry.path)
+                    else:
+                        os.unlink(entry.path)
                     removed.append(Path(entry.path))
                 finally:
                     os.close(fd)

@@ -20,7 +20,6 @@ filled under a temporary sibling name and renamed over the target only when comp
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import math
 import os
@@ -36,7 +35,7 @@ import numpy as np
 
 from caffeonnx.errors import CaffeOnnxError, InputFileError
 from caffeonnx.fileio import check_output, current_umask
-from caffeonnx.runtime.inputs import Samples, _map_npy, check_real_dtype, lock_scratch
+from caffeonnx.runtime.inputs import Samples, _map_npy, check_real_dtype, lock_scratch, remove_stale
 
 MANIFEST = "manifest.json"
 FORMAT = "caffeonnx-codes"
@@ -463,20 +462,5 @@ def atomic_dir(target: Path) -> Iterator[Path]:
 def remove_stale_dirs(target: Path, before: float) -> list[Path]:
     """Remove temporary directories that killed encodes into `target` left (older than `before`, not locked)."""
     own = re.compile(rf"\.{re.escape(target.name)}\.[a-z0-9_]{{8}}\.tmp")
-    removed = []
-    with contextlib.suppress(OSError), os.scandir(target.parent) as entries:
-        for entry in entries:
-            if not own.fullmatch(entry.name) or not entry.is_dir(follow_symlinks=False):
-                continue
-            with contextlib.suppress(OSError):
-                if entry.stat(follow_symlinks=False).st_mtime >= before:
-                    continue
-                fd = os.open(entry.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_DIRECTORY)
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # fails while a live run holds it
-                    shutil.rmtree(entry.path)
-                    removed.append(Path(entry.path))
-                finally:
-                    os.close(fd)
-    return removed
+    return remove_stale(target.parent, own, before, directories=True)
 
