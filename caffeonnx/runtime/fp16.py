@@ -16,7 +16,8 @@ from caffeonnx.errors import UnsupportedError
 
 FP16_OPS = frozenset({
     "Abs", "Add", "AveragePool", "BatchNormalization", "Cast", "Clip", "Concat", "Constant", "Conv", "ConvTranspose",
-    "Div", "Dropout", "Elu", "Exp", "Flatten", "Gemm", "GlobalAveragePool", "Identity", "LeakyRelu", "Log", "LRN",
+    "DepthToSpace", "Div", "Dropout", "Elu", "Exp", "Flatten", "Gemm", "GlobalAveragePool", "HardSigmoid",
+    "HardSwish", "Identity", "LeakyRelu", "Log", "LRN",
     "MatMul", "Max", "MaxPool", "Min", "Mul", "Neg", "Pow", "PRelu", "Relu", "Reshape", "Sigmoid", "Slice", "Softmax",
     "Softplus", "Split", "Sqrt", "Squeeze", "Sub", "Sum", "Tanh", "Transpose", "Unsqueeze",
 })

@@ -158,6 +158,21 @@ def test_fp16_rewrite_casts_outputs_that_are_also_consumed(deep_ae: onnx.ModelPr
         assert_close(outs[name], deep_blobs[name][:3], f"{name} (fp16 compute)", atol=3e-2, rtol=3e-2)
 
 
+def test_fp16_rewrite_takes_the_mobilenet_fork_activations() -> None:
+    """HardSwish / HardSigmoid (MobileNet v3 ports) and DepthToSpace (PixelShuffle) compute in float16 too."""
+    from tests.helpers import convert_text
+
+    text = ('input: "data"\ninput_shape { dim: 1 dim: 8 dim: 3 dim: 3 }\n'
+            'layer { name: "hs" type: "HardSwish" bottom: "data" top: "hs" }\n'
+            'layer { name: "hsig" type: "HardSigmoid" bottom: "hs" top: "hsig" }\n'
+            'layer { name: "ps" type: "PixelShuffle" bottom: "hsig" top: "ps" pixelshuffle_param { upscale_factor: 2 } }\n')
+    model = convert_text(text).to_proto()
+    half = to_fp16(model)
+    x = rng(3).normal(size=(1, 8, 3, 3)).astype(np.float32) * 4
+    got = ReferenceEvaluator(half).run(None, {"data": x})[0]
+    assert_close(got, ReferenceEvaluator(model).run(None, {"data": x})[0], "ps (fp16 compute)", atol=2e-3, rtol=2e-3)
+
+
 def test_fp16_rewrite_refuses_unknown_ops() -> None:
     from onnx import TensorProto, helper
 
