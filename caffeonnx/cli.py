@@ -5,6 +5,7 @@ else is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -275,6 +276,12 @@ def _top(
     """Options given before the command (the help text is the app's)."""
 
 
+def _say_interrupted() -> None:
+    """The one "interrupted" line; a rank under torch's launcher leaves it to the launcher (one line, not N)."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        err.print("interrupted", highlight=False)
+
+
 def main() -> None:
     """Console-script entry point: user errors exit 2 with one line, Ctrl-C exits 130 with one line."""
     try:
@@ -283,11 +290,11 @@ def main() -> None:
         err.print(f"[bold red]error:[/bold red] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:  # raised outside typer's command call (typer itself turns it into exit 130)
-        err.print("interrupted", highlight=False)
+        _say_interrupted()
         sys.exit(130)
     except SystemExit as exc:
         if exc.code == 130:  # typer's own KeyboardInterrupt handling exits 130 silently
-            err.print("interrupted", highlight=False)
+            _say_interrupted()
         raise
 
 

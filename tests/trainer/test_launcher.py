@@ -158,6 +158,8 @@ def test_ctrl_c_on_the_launcher_stops_every_rank_and_rank_0s_snapshot_resumes_ex
     assert 40 < at < total, at
     assert f"interrupted by SIGINT at iteration {at}" in err
     assert "error" not in err, err[-4000:]
+    # rank 0's snapshot line, then the launcher's one "interrupted" (the ranks leave theirs to it)
+    assert [line for line in err.splitlines() if line.strip() == "interrupted"] == ["interrupted"], err[-4000:]
     launched(cut, "--shard", "contiguous", "--snapshot", states[0].name, "-o", "out")
     assert (cut.parent / "out.caffemodel").read_bytes() == (single.parent / "out.caffemodel").read_bytes()
 
