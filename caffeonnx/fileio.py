@@ -20,6 +20,14 @@ from typing import BinaryIO
 from caffeonnx.errors import CaffeOnnxError
 
 
+def physical_memory() -> int:
+    """Physical memory of this machine in bytes (a generous stand-in where sysconf cannot tell)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 64 * 2**30
+
+
 def current_umask() -> int:
     """The process umask, read without setting it (os.umask(0) briefly exposes other threads' new files)."""
     with contextlib.suppress(OSError, ValueError), open("/proc/self/status") as fh:

@@ -180,6 +180,21 @@ def _bad_crc() -> bytes:
     return bytes(data)
 
 
+def _zip_bomb() -> bytes:
+    """A deflated member whose .npy header claims 4 TB of float32 in a few kilobytes."""
+    import io
+    import zipfile
+
+    import numpy as np
+
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "<f4", "fortran_order": False, "shape": (10**7, 10**5)})
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("data.npy", header.getvalue() + bytes(1 << 20))
+    return buf.getvalue()
+
+
 def _verify_inputs(kind: str) -> tuple[bytes, str]:
     import numpy as np
 
@@ -191,10 +206,13 @@ def _verify_inputs(kind: str) -> tuple[bytes, str]:
         "strings": (_npz_bytes(data=np.array(["a", "b"])), "holds <U1 values"),
         "wrong shape": (_npz_bytes(data=good.reshape(len(good), 28, 28)), "array 'data' has shape"),
         "wrong name": (_npz_bytes(pixels=good), "no array for graph input(s) ['data']"),
+        "zip bomb": (_zip_bomb(), "array 'data' of shape [10000000, 100000] brings the inputs to 4,000,000,000,000 "
+                                  "bytes, more than half this machine's memory"),
     }[kind]
 
 
-@pytest.mark.parametrize("kind", ["truncated", "bad crc", "complex", "strings", "wrong shape", "wrong name"])
+@pytest.mark.parametrize("kind", ["truncated", "bad crc", "complex", "strings", "wrong shape", "wrong name",
+                                  "zip bomb"])
 def test_verify_refuses_bad_input_arrays_by_name(kind: str, tmp_path: Path) -> None:
     data, says = _verify_inputs(kind)
     bad = tmp_path / "inputs.npz"

@@ -9,7 +9,6 @@ Conventions every handler relies on:
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -20,6 +19,7 @@ from caffeonnx.converter.caffe_io import Blob
 from caffeonnx.converter.fillers import fill
 from caffeonnx.converter.params import Param, ParamTable, shape_string
 from caffeonnx.errors import LayerError, WeightsError
+from caffeonnx.fileio import physical_memory
 from caffeonnx.proto import caffe_pb2
 
 Shape = tuple[int, ...]
@@ -27,15 +27,7 @@ Shape = tuple[int, ...]
 _INT_MAX = 2**31 - 1  # Caffe's limit on a blob's count
 
 
-def _memory_bytes() -> int:
-    """Physical memory of this machine (a generous stand-in where sysconf cannot tell)."""
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return 64 * 2**30
-
-
-_FILL_BUDGET = _memory_bytes() // 2
+_FILL_BUDGET = physical_memory() // 2
 
 # Opset from which each reduction takes `axes` as an input instead of an attribute.
 _REDUCE_AXES_INPUT_SINCE = {"ReduceSum": 13, "ReduceMean": 18, "ReduceL1": 18, "ReduceSumSquare": 18}
