@@ -99,7 +99,9 @@ def test_statistics_count_what_was_sent(traffic: dict) -> None:
     assert inf["success"]["count"] == 11 and inf["fail"]["count"] == 1  # the 404 of another model is not ours
     assert stat["inference_count"] == 8 * 2 + 3
     runs = stat["execution_count"]
-    assert 4 <= runs < 11  # the 3 lone requests run alone; the 8 concurrent ones share at least one run
+    # the 3 lone requests run alone; the 8 concurrent ones may share runs (how many depends on timing: on a
+    # loaded machine they can arrive one by one), so the count is bounded, and the batch stats must add up
+    assert 4 <= runs <= 11
     for phase in ("queue", "compute_input", "compute_infer", "compute_output"):
         assert inf[phase]["count"] == 11, phase  # per successful request, as Triton counts them
     assert inf["success"]["ns"] >= sum(inf[p]["ns"] for p in ("queue", "compute_input", "compute_infer",
