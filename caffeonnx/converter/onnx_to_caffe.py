@@ -116,7 +116,9 @@ def onnx_to_caffe(model: ModelProto, batch: int | None = None, extensions: bool 
         return _restore(model, batch, state, target)
     from caffeonnx.converter.foreign import convert_foreign
 
-    return convert_foreign(model, batch, extensions)
+    result = convert_foreign(model, batch, extensions)
+    retarget(result.net, target)  # extensions may write a fork's layer (Permute is SSD's)
+    return result
 
 
 def convert_to_caffe_files(

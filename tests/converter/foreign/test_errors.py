@@ -168,3 +168,7 @@ def test_cli_to_caffe_batch_extensions_and_errors(tmp_path: Path) -> None:
     ok = CliRunner().invoke(app, [*args, "--allow-extensions"])
     assert ok.exit_code == 0, ok.output
     assert 'type: "Permute"' in proto.read_text() and weights.exists()
+    # Permute is SSD's: a BVLC target refuses it even with extensions, an SSD target takes it
+    bvlc = CliRunner().invoke(app, [*args, "--allow-extensions", "--target", "bvlc"])
+    assert bvlc.exit_code != 0 and "(Permute, from SSD)" in str(bvlc.exception)
+    assert CliRunner().invoke(app, [*args, "--allow-extensions", "--target", "ssd"]).exit_code == 0
