@@ -34,6 +34,7 @@ from torch import nn
 from caffeonnx.converter import metadata
 from caffeonnx.converter.caffe_io import CaffeWeights, write_caffemodel
 from caffeonnx.converter.caffe_to_onnx import ConvertedModel
+from caffeonnx.converter.forks import PSPNET_BN_FIELDS
 from caffeonnx.converter.layers.loss import effective_loss_weights, normalization_mode
 from caffeonnx.errors import CaffeOnnxError, UnsupportedError
 from caffeonnx.proto import caffe_pb2
@@ -255,6 +256,9 @@ class GraphModule(nn.Module):
                 found[rec.index] = LayerOverride(rec.name, rec.bottoms, rec.tops, self._dropout(layer))
             elif layer.type == "BatchNorm" and not layer.batch_norm_param.use_global_stats and len(rec.params) == 3:
                 found[rec.index] = LayerOverride(rec.name, rec.bottoms, rec.tops, self._batch_norm(layer, rec.params))
+            elif (layer.type == "BN" and self.phase == "TRAIN" and not layer.bn_param.frozen and len(rec.params) == 4
+                  and any(layer.bn_param.HasField(f) for f in PSPNET_BN_FIELDS)):
+                found[rec.index] = LayerOverride(rec.name, rec.bottoms, rec.tops, self._pspnet_bn(layer, rec.params))
             elif layer.type == "SigmoidCrossEntropyLoss" and len(rec.bottoms) == 2 and len(rec.tops) == 1:
                 found[rec.index] = LayerOverride(rec.name, rec.bottoms, rec.tops, self._sigmoid_cross_entropy(layer))
             elif layer.type == "Normalize" and not layer.norm_param.channel_shared and len(rec.params) == 1:
@@ -312,6 +316,32 @@ class GraphModule(nn.Module):
                 mean_blob.mul_(fraction).add_(mean.reshape(-1))
                 var_blob.mul_(fraction).add_(var.reshape(-1), alpha=correction)
             return [centred / torch.sqrt(var + eps)]
+
+        return run
+
+    def _pspnet_bn(self, layer: caffe_pb2.LayerParameter, blobs: list[str]) -> Callable[[list[Tensor]], list[Tensor]]:
+        """PSPNet's BN in TRAIN, not frozen: the converted graph's batch-statistics forward, plus the moving averages.
+
+        BNLayer::Forward_cpu updates blob ← (1 − momentum)·batch + momentum·blob for the mean and
+        for the biased variance E[(x − E[x])²] over N, H, W (its CuDNNBN engine stores cuDNN's
+        unbiased one instead; this follows the CPU layer, as the converter does).
+        """
+        p = layer.bn_param
+        eps, momentum = float(np.float32(p.eps)), float(np.float32(p.momentum))
+        slope, bias, mean_blob, var_blob = (self.parameter(n) for n in blobs)
+
+        def run(xs: list[Tensor]) -> list[Tensor]:
+            x = xs[0]
+            legacy = (*x.shape, 1, 1, 1)[:4]  # Caffe's num/channels/height/width, 1 for missing axes
+            x4 = x.reshape(legacy)
+            mean = x4.mean(dim=(0, 2, 3), keepdim=True)
+            centred = x4 - mean
+            var = (centred * centred).mean(dim=(0, 2, 3), keepdim=True)
+            with torch.no_grad():
+                mean_blob.mul_(momentum).add_(mean.reshape(mean_blob.shape), alpha=1.0 - momentum)
+                var_blob.mul_(momentum).add_(var.reshape(var_blob.shape), alpha=1.0 - momentum)
+            top = centred * torch.pow(var + eps, -0.5) * slope.reshape(mean.shape) + bias.reshape(mean.shape)
+            return [top.reshape(x.shape)]
 
         return run
 

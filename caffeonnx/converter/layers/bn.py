@@ -14,7 +14,8 @@ Two forks define a layer type "BN", told apart by the bn_param fields the protot
   as (x − mean)·(var + eps)^−½·slope + bias.  Setup forces lr_mult and decay_mult 0 on the
   statistics, and on slope and bias too when frozen, whatever the prototxt says.  cuDNN's
   engine raises eps to 1e-5 at least; this follows the CPU layer (equal at the default eps).
-  The moving averages a non-frozen TRAIN pass accumulates are not updated by the graph.
+  The moving averages a non-frozen TRAIN pass accumulates are not in the graph: the trainer's
+  GraphModule updates blobs 2 and 3 (its PSPNet BN override).
 
 A bn_param with neither fork's fields is SegNet's (LEARN).  Every variant is built from
 elementwise ONNX ops, so autograd gives Caffe's backward, batch-statistics terms included.

@@ -419,3 +419,64 @@ def test_segnet_and_pspnet_layers_round_trip(tmp_path) -> None:
         assert [b.data.tobytes() for b in back.blobs[layer]] == [b.data.tobytes() for b in original.blobs[layer]]
     second = convert_files(tmp_path / "back.prototxt", tmp_path / "back.caffemodel")
     assert second.model.graph == first.model.graph
+
+
+def _pspnet_moving_averages(xs: list[np.ndarray], mean: np.ndarray, var: np.ndarray,
+                            momentum: float) -> tuple[np.ndarray, np.ndarray]:
+    """Forward_cpu in TRAIN, not frozen: caffe_cpu_axpby(1 − momentum, batch, momentum, blob) for blobs 2 and 3,
+    the batch variance biased (the mean of (x − E[x])² over num, height and width)."""
+    mean, var = mean.astype(np.float64), var.astype(np.float64)
+    for x in xs:
+        x4 = x.astype(np.float64).reshape((*x.shape, 1, 1, 1)[:4])
+        batch_mean = x4.mean(axis=(0, 2, 3), keepdims=True)
+        batch_var = ((x4 - batch_mean) ** 2).mean(axis=(0, 2, 3), keepdims=True)
+        mean = (1 - momentum) * batch_mean + momentum * mean
+        var = (1 - momentum) * batch_var + momentum * var
+    return mean, var
+
+
+@pytest.mark.parametrize("shape", [(3, 4, 5, 2), (6, 4)])
+def test_pspnet_bn_training_accumulates_the_moving_averages(shape: tuple[int, ...]) -> None:
+    """Trainer forwards in TRAIN (non-frozen) normalise with the batch's statistics and move blobs 2 and 3 by
+    momentum 0.95 as Forward_cpu does; slope and bias stay; the TEST-phase net (onnxruntime and eval()) then
+    uses the accumulated statistics.  Tolerances: the module's atol 1e-5, rtol 1e-4 (float32 vs float64)."""
+    name, top = "conv5_3_pool1_conv/bn", "data@conv5_3_pool1_conv/bn"
+    blobs = _pspnet_blobs(4, 14)
+    text = _pspnet_bn(shape, frozen=False)
+    converted = convert_text(text, {name: blobs}, phase=caffe_pb2.TRAIN)
+    module = GraphModule(converted.model, converted.weights).train()
+    assert [ov.layer for ov in module.overrides.values()] == [name]
+    xs = [(rng(s).normal(size=shape) * 3 + 1).astype(np.float32) for s in (21, 22, 23)]
+    for x in xs:
+        with torch.no_grad():
+            got = module({"data": x}, [top])[top].numpy()
+        x4 = x.reshape((*shape, 1, 1, 1)[:4])
+        assert_close(got, pspnet_bn_forward(x4, *blobs, eps=1e-5, stored=False)["top"].reshape(shape), "top (batch)")
+    mean, var = _pspnet_moving_averages(xs, blobs[2], blobs[3], float(np.float32(0.95)))
+    arrays = module.arrays()
+    assert_close(arrays[f"{name}.mean"], mean.astype(np.float32), "mean blob")
+    assert_close(arrays[f"{name}.variance"], var.astype(np.float32), "variance blob")
+    for i, blob in enumerate(("slope", "bias")):
+        assert np.array_equal(arrays[f"{name}.{blob}"], blobs[i]), f"{blob} is not a statistic"
+
+    trained = [arrays[f"{name}.{b}"] for b in ("slope", "bias", "mean", "variance")]
+    x = rng(24).normal(size=shape).astype(np.float32)
+    want = pspnet_bn_forward(x.reshape((*shape, 1, 1, 1)[:4]), *trained, eps=1e-5, stored=True)["top"].reshape(shape)
+    test_net = convert_text(text, {name: trained}, phase=caffe_pb2.TEST)
+    assert_close(run(test_net, {"data": x})[top], want, "TEST-phase top (onnxruntime)")
+    evaluated = GraphModule(test_net.model, test_net.weights).eval()
+    with torch.no_grad():
+        assert_close(evaluated({"data": x}, [top])[top].numpy(), want, "TEST-phase top (eval)")
+
+
+@pytest.mark.parametrize("text", [_pspnet_bn((3, 4, 5, 2), frozen=True), _segnet_bn((3, 4, 5, 2), "LEARN")])
+def test_frozen_pspnet_and_segnet_bn_leave_their_blobs_in_training(text: str) -> None:
+    """Frozen PSPNet BN reads its stored statistics and SegNet's LEARN keeps none in its blobs: no override,
+    and training forwards change no blob."""
+    converted = convert_text(text, phase=caffe_pb2.TRAIN)
+    module = GraphModule(converted.model, converted.weights).train()
+    assert module.overrides == {}
+    before = module.arrays()
+    with torch.no_grad():
+        module({"data": rng(25).normal(size=(3, 4, 5, 2)).astype(np.float32)})
+    assert all(np.array_equal(v, before[k]) for k, v in module.arrays().items())
