@@ -168,7 +168,7 @@ def to_caffe(
     batch: BatchOption = None,
     allow_extensions: Annotated[
         bool, typer.Option("--allow-extensions",
-                           help="Allow layers/fields newer than BVLC Caffe 1.0 (Permute, Clip, pooling round_mode).")
+                           help="Allow layers/fields newer than BVLC Caffe 1.0: Permute, Clip, Swish, pooling round_mode, and the forks' ReLU6, HardSwish, HardSigmoid, PixelShuffle (see --target).")
     ] = False,
     phase: Annotated[Optional[str], typer.Option(
         "--phase", help="Phase for the written prototxt's state { phase } (TEST or TRAIN; default: none, as "

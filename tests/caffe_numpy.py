@@ -378,6 +378,44 @@ def _permute(lay, bottoms, params):
     return [x.transpose(order)]
 
 
+# --- MobileNet and sub-pixel forks (inisis/caffe, micronet-caffe, gait_extractor) ---------------------
+@layer("ReLU6")
+def _relu6(lay, bottoms, params):
+    """inisis/caffe ReLU6Layer: min(max(x, 0) + negative_slope·min(x, 0), threshold)."""
+    x, p = bottoms[0], lay.relu6_param
+    return [np.minimum(np.maximum(x, 0) + p.negative_slope * np.minimum(x, 0), p.threshold)]
+
+
+@layer("HardSwish")
+def _hard_swish(lay, bottoms, params):
+    """micronet-caffe HardSwishLayer: x·min(max(x + 3, 0), 6)/6."""
+    x = bottoms[0]
+    return [x * np.minimum(np.maximum(x + 3, 0), 6) / 6]
+
+
+@layer("HardSigmoid")
+def _hard_sigmoid(lay, bottoms, params):
+    """inisis/synopsys-caffe HardSigmoidLayer: max(0, min(1, alpha·x + beta)), either spelling of the param."""
+    assert not (lay.HasField("hardsigmoid_param") and lay.HasField("hard_sigmoid_param")), lay.name
+    p = lay.hard_sigmoid_param if lay.HasField("hard_sigmoid_param") else lay.hardsigmoid_param
+    return [np.maximum(0, np.minimum(1, p.alpha * bottoms[0] + p.beta))]
+
+
+@layer("PixelShuffle")
+def _pixel_shuffle(lay, bottoms, params):
+    """inisis/caffe PixelShuffleLayer: top (n, c, h·r + i, w·r + j) = bottom (n, c·r² + i·r + j, h, w)."""
+    use = lay.pixel_shuffle_param if lay.HasField("pixel_shuffle_param") else lay.pixelshuffle_param
+    r = use.upscale_factor
+    assert r > 0, f"layer {lay.name!r}: upscale_factor must be given"
+    n, ch, h, w = bottoms[0].shape
+    out = np.empty((n, ch // (r * r), h * r, w * r))
+    for c in range(ch // (r * r)):
+        for i in range(r):
+            for j in range(r):
+                out[:, c, i::r, j::r] = bottoms[0][:, c * r * r + i * r + j]
+    return [out]
+
+
 # --- segmentation forks (SegNet, DeepLab/PSPNet) ---------------------------------------------
 _SEGNET_BN = ("bn_mode", "scale_filler", "shift_filler")
 _PSPNET_BN = ("slope_filler", "bias_filler", "momentum", "eps", "frozen", "engine")

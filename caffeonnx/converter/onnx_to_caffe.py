@@ -108,7 +108,8 @@ def onnx_to_caffe(model: ModelProto, batch: int | None = None, extensions: bool 
                   state: caffe_pb2.NetState | None = None, target: str = "any") -> CaffeNet:
     """Convert an ONNX model to a Caffe net + weights (exact for caffeonnx's own models).
 
-    `extensions` lets foreign models use layers/fields newer than BVLC Caffe 1.0 (Permute, Clip, round_mode).
+    `extensions` lets foreign models use layers/fields newer than BVLC Caffe 1.0 (Permute, Clip, Swish, round_mode,
+    and the forks' ReLU6, HardSwish, HardSigmoid, PixelShuffle).
     `state` (stages, level) replaces the NetState recorded at conversion in the written prototxt.
     `target` ("any", "bvlc" or a fork key) refuses layers that Caffe lacks (see forks.retarget).
     """

@@ -3,8 +3,8 @@
 The model is prepared (validated, shapes fixed, constant subgraphs folded, weight ties
 recovered: see prepare.py), then every remaining node is written as Caffe layers by the
 emitter registered for its op (emitters/*.py).  By default only layer types and fields
-of stock BVLC Caffe 1.0 are written; `extensions=True` also allows Permute, Clip and
-pooling round_mode, which newer Caffe forks have.  An initializer that several layers
+of stock BVLC Caffe 1.0 are written; `extensions=True` also allows Permute, Clip, Swish,
+pooling round_mode and the forks' ReLU6, HardSwish, HardSigmoid and PixelShuffle.  An initializer that several layers
 store in the same role (a tied weight) becomes one shared `param { name }`, and, as
 Caffe does, each of those layers keeps its own copy of the blob in the caffemodel.
 """

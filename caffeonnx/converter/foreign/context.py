@@ -22,8 +22,9 @@ from caffeonnx.converter.foreign.prepare import Const, PreparedGraph, Shape
 from caffeonnx.errors import LayerError, UnsupportedError
 from caffeonnx.proto import caffe_pb2
 
-# Layer types and fields stock BVLC Caffe 1.0 lacks; written only with extensions enabled.
-EXTENSION_LAYERS = frozenset({"Permute", "Clip", "Swish"})
+# Layer types and fields stock BVLC Caffe 1.0 lacks; written only with extensions enabled.  Clip and
+# Swish are BVLC master's; the rest are forks' (`--target` refuses them for a Caffe without them).
+EXTENSION_LAYERS = frozenset({"Permute", "Clip", "Swish", "ReLU6", "HardSwish", "HardSigmoid", "PixelShuffle"})
 
 
 @dataclass(frozen=True)

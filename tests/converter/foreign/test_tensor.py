@@ -1,4 +1,5 @@
-"""Concat, Split, Slice, Flatten, Reshape, Squeeze/Unsqueeze, Transpose, Identity/Dropout/Cast (exact copies)."""
+"""Concat, Split, Slice, Flatten, Reshape, Squeeze/Unsqueeze, Transpose, DepthToSpace, Identity/Dropout/Cast
+(exact copies)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,6 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from caffeonnx.converter.onnx_to_caffe import onnx_to_caffe
+from caffeonnx.errors import CaffeOnnxError, UnsupportedError
 from tests.converter.foreign.helpers import check_conversion, feeds_for, layer_types, make_model, node
 
 SHAPE = [2, 6, 4, 5]
@@ -79,3 +82,25 @@ def test_aliases_write_no_layer(tmp_path: Path) -> None:
     result = check_conversion(model, feeds_for(model, 6), tmp_path)
     assert layer_types(result) == ["Input", "ReLU", "Split"]
     assert list(result.net.layer[1].bottom) == ["x"]
+
+
+@pytest.mark.parametrize(("shape", "r"), [([2, 8, 3, 5], 2), ([1, 18, 2, 4], 3)])
+def test_depth_to_space_crd_is_the_forks_pixel_shuffle(shape: list[int], r: int, tmp_path: Path) -> None:
+    """torch's pixel_shuffle (CRD) with extensions: one PixelShuffle, exact both ways; a BVLC target refuses it."""
+    model = make_model([node("DepthToSpace", ["x"], blocksize=r, mode="CRD")], {"x": shape}, ["y"])
+    result = check_conversion(model, feeds_for(model, 7), tmp_path, extensions=True, atol=0, rtol=0)
+    assert layer_types(result) == ["Input", "PixelShuffle"]
+    assert result.net.layer[1].pixelshuffle_param.upscale_factor == r
+    with pytest.raises(CaffeOnnxError, match=r"\(PixelShuffle, from PixelShuffle forks\)"):
+        onnx_to_caffe(model, extensions=True, target="bvlc")
+    assert layer_types(onnx_to_caffe(model, extensions=True, target="pixel-shuffle"))[1:] == ["PixelShuffle"]
+
+
+@pytest.mark.parametrize(("mode", "extensions", "message"), [
+    ("CRD", False, r"no sub-pixel layer: pass --allow-extensions"),
+    ("DCR", True, r"mode 'DCR'"),
+])
+def test_depth_to_space_refused(mode: str, extensions: bool, message: str) -> None:
+    model = make_model([node("DepthToSpace", ["x"], blocksize=2, mode=mode)], {"x": [1, 8, 3, 3]}, ["y"])
+    with pytest.raises(UnsupportedError, match=message):
+        onnx_to_caffe(model, extensions=extensions)

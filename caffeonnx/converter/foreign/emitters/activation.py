@@ -2,8 +2,10 @@
 
 Stock Caffe 1.0 has no Clip layer: min(max(x, lo), hi) is written exactly as
 hi - relu((hi - lo) - relu(x - lo)) with ReLU and Power layers (ReLU6 is the case
-lo = 0, hi = 6).  With extensions enabled a single Clip layer (Caffe's master branch)
-is written instead.
+lo = 0, hi = 6).  With extensions enabled a single layer is written instead: the
+MobileNet forks' ReLU6 for Clip(0, 6), Caffe master's Clip for other bounds, and the
+forks' HardSigmoid / HardSwish layers for those ops, so MobileNet v2/v3 exports read as
+the forks' own deploy nets do.
 """
 from __future__ import annotations
 
@@ -103,22 +105,31 @@ def _bound(ctx: NodeContext, index: int, attr: str, default: float) -> float:
 
 @register_op("Clip")
 def emit_clip(ctx: NodeContext) -> None:
-    """Clip -> ReLU (0, inf) or ReLU + Power (ReLU6 and other bounds); a Clip layer with extensions."""
+    """Clip -> ReLU (0, inf) or ReLU + Power (ReLU6 and other bounds); ReLU6 (0, 6) or Clip with extensions."""
     lo, hi = _bound(ctx, 1, "min", -math.inf), _bound(ctx, 2, "max", math.inf)
     if lo > hi:
         raise ctx.error(f"min {lo!r} is above max {hi!r}")
     if lo == -math.inf and hi == math.inf:
         ctx.alias(0, ctx.blob(0))
         return
+    if ctx.options.extensions and (lo, hi) == (0.0, 6.0):  # the forks' ReLU6 defaults: min(max(x, 0), 6)
+        ctx.layer("ReLU6", [ctx.blob(0)], [ctx.output()])
+        return
     _clip(ctx, ctx.blob(0), lo, hi, ctx.output())
 
 
 @register_op("HardSigmoid", "HardSwish")
 def emit_hard_sigmoid(ctx: NodeContext) -> None:
-    """HardSigmoid -> Power + clip(0, 1); HardSwish -> that times x (Eltwise PROD)."""
+    """HardSigmoid -> Power + clip(0, 1); HardSwish -> that times x (Eltwise PROD); the forks' layers with extensions."""
     swish = ctx.op == "HardSwish"
     alpha = 1.0 / 6.0 if swish else float(ctx.attr("alpha", 0.2))
     beta = 0.5 if swish else float(ctx.attr("beta", 0.5))
+    if ctx.options.extensions:
+        # ONNX HardSwish, x·max(0, min(1, x/6 + 1/2)), is the forks' x·relu6(x + 3)/6 (no params)
+        layer = ctx.layer(ctx.op, [ctx.blob(0)], [ctx.output()])
+        if not swish:  # inisis/caffe's spelling of the field, which caffeonnx also reads
+            layer.hardsigmoid_param.alpha, layer.hardsigmoid_param.beta = alpha, beta
+        return
     lin = power(ctx, ctx.blob(0), ctx.temp("linear"), scale=alpha, shift=beta)
     gate = ctx.temp("gate") if swish else ctx.output()
     _clip(ctx, lin, 0.0, 1.0, gate)

@@ -1,9 +1,11 @@
-"""Shape and data-movement ops: Concat, Split, Slice, Flatten/Reshape/Squeeze/Unsqueeze, Transpose, aliases.
+"""Shape and data-movement ops: Concat, Split, Slice, Flatten/Reshape/Squeeze/Unsqueeze, Transpose, DepthToSpace,
+aliases.
 
 Caffe's Reshape copies data in order like ONNX's, so every reshape-like op is one
 Reshape layer (Flatten at axis 1 is Caffe's Flatten).  Slices are Caffe Slice layers
 whose unused parts go to a Silence layer.  A Transpose that only moves size-1 axes is
-a Reshape; any other needs the Permute layer of SSD-style Caffe forks (extensions).
+a Reshape; any other needs the Permute layer of SSD-style Caffe forks (extensions), as
+DepthToSpace needs the forks' PixelShuffle.
 """
 from __future__ import annotations
 
@@ -132,3 +134,19 @@ def emit_transpose(ctx: NodeContext) -> None:
             "(extensions=True) to write the Permute layer of SSD-style Caffe forks"
         )
     ctx.layer("Permute", [ctx.blob(0)], [ctx.output()]).permute_param.order.extend(perm)
+
+
+@register_op("DepthToSpace")
+def emit_depth_to_space(ctx: NodeContext) -> None:
+    """DepthToSpace in CRD mode (torch's pixel_shuffle) -> PixelShuffle (extensions only)."""
+    mode = ctx.attr("mode", "DCR")
+    if mode != "CRD":
+        raise ctx.unsupported(f"mode {mode!r} takes channel (i·b + j)·C + c; the forks' PixelShuffle takes CRD's "
+                              "c·b² + i·b + j (torch.nn.PixelShuffle exports CRD)")
+    if not ctx.options.extensions:
+        raise ctx.unsupported(
+            "stock Caffe 1.0 has no sub-pixel layer: pass --allow-extensions (extensions=True) to write the "
+            "PixelShuffle layer of inisis/caffe-style Caffe forks"
+        )
+    layer = ctx.layer("PixelShuffle", [ctx.blob(0)], [ctx.output()])
+    layer.pixelshuffle_param.upscale_factor = int(ctx.attr("blocksize"))
