@@ -322,11 +322,7 @@ def _renumber(sc: _Scanner, start: int, end: int, numbers: forks.Renumbering) ->
 
 def _fork_wire_bytes(layer: caffe_pb2.LayerParameter) -> bytes:
     """A bare layer's bytes with fork fields at the numbers that layer's fork reads (see forks.py)."""
-    if layer.pooling_param.HasField("ceil_mode"):
-        # the forks' bool ceil_mode is field 13 (true = 1), where BVLC's round_mode enum lives
-        ceil = layer.pooling_param.ceil_mode
-        layer.pooling_param.ClearField("ceil_mode")
-        layer.pooling_param.round_mode = caffe_pb2.PoolingParameter.RoundMode.Value("FLOOR" if ceil else "CEIL")
+    forks.spell_for_wire(layer)
     numbers = forks.write_numbers(layer)
     head = layer.SerializeToString()
     return _renumber(_Scanner(head, Path("<layer>")), 0, len(head), numbers) if numbers else head

@@ -106,7 +106,6 @@ FORK_FIELDS: tuple[ForkField, ...] = (
 Renumbering = Mapping[int, tuple[int, "Renumbering"]]
 
 _LAYER_FIELDS = caffe_pb2.LayerParameter.DESCRIPTOR.fields_by_name
-_POOLING_FIELDS = caffe_pb2.PoolingParameter.DESCRIPTOR.fields_by_name
 
 
 def _moves(entry: ForkField) -> tuple[int, dict[int, int]]:
@@ -122,9 +121,6 @@ for _entry in FORK_FIELDS:
     _schema, _inner = _moves(_entry)
     _READ.setdefault(_entry.layer_type, {})[_entry.number] = (
         _schema, {fork: (schema, {}) for schema, fork in _inner.items()})
-
-POOLING_ROUND_MODE = _POOLING_FIELDS["round_mode"].number  # 13: BVLC's and the forks' ceil_mode
-POOLING_CEIL_MODE = _POOLING_FIELDS["ceil_mode"].number  # its private number in caffe.proto
 
 
 def _marked(layer: caffe_pb2.LayerParameter, entry: ForkField) -> bool:
@@ -168,6 +164,18 @@ def adopt_spelling(binary: caffe_pb2.NetParameter, text: caffe_pb2.NetParameter)
             # the fork wrote bool ceil_mode as field 13: 1 (true) reads as FLOOR, 0 (false) as CEIL
             p.ceil_mode = p.round_mode == caffe_pb2.PoolingParameter.FLOOR
             p.ClearField("round_mode")
+
+
+def spell_for_wire(layer: caffe_pb2.LayerParameter) -> None:
+    """Put a fork's ceil_mode in field 13 as the forks write it (bool true = 1), in place: `adopt_spelling`'s inverse.
+
+    Field 13 is round_mode in caffe.proto, so the bool goes in as the enum value of the same number.
+    """
+    p = layer.pooling_param
+    if p.HasField("ceil_mode"):
+        ceil = p.ceil_mode
+        p.ClearField("ceil_mode")
+        p.round_mode = caffe_pb2.PoolingParameter.FLOOR if ceil else caffe_pb2.PoolingParameter.CEIL
 
 
 def ceil_rounding(p: caffe_pb2.PoolingParameter) -> bool:

@@ -34,7 +34,7 @@ from torch import nn
 from caffeonnx.converter import metadata
 from caffeonnx.converter.caffe_io import CaffeWeights, write_caffemodel
 from caffeonnx.converter.caffe_to_onnx import ConvertedModel
-from caffeonnx.converter.forks import PSPNET_BN_FIELDS
+from caffeonnx.converter.forks import layer_fork
 from caffeonnx.converter.layers.loss import effective_loss_weights, normalization_mode
 from caffeonnx.errors import CaffeOnnxError, UnsupportedError
 from caffeonnx.proto import caffe_pb2
@@ -256,8 +256,8 @@ class GraphModule(nn.Module):
                 found[rec.index] = LayerOverride(rec.name, rec.bottoms, rec.tops, self._dropout(layer))
             elif layer.type == "BatchNorm" and not layer.batch_norm_param.use_global_stats and len(rec.params) == 3:
                 found[rec.index] = LayerOverride(rec.name, rec.bottoms, rec.tops, self._batch_norm(layer, rec.params))
-            elif (layer.type == "BN" and self.phase == "TRAIN" and not layer.bn_param.frozen and len(rec.params) == 4
-                  and any(layer.bn_param.HasField(f) for f in PSPNET_BN_FIELDS)):
+            elif (layer.type == "BN" and layer_fork(layer) == "deeplab" and self.phase == "TRAIN"
+                  and not layer.bn_param.frozen and len(rec.params) == 4):  # PSPNet's BN (SegNet's has no averages)
                 found[rec.index] = LayerOverride(rec.name, rec.bottoms, rec.tops, self._pspnet_bn(layer, rec.params))
             elif layer.type == "SigmoidCrossEntropyLoss" and len(rec.bottoms) == 2 and len(rec.tops) == 1:
                 found[rec.index] = LayerOverride(rec.name, rec.bottoms, rec.tops, self._sigmoid_cross_entropy(layer))
