@@ -64,12 +64,19 @@ def transforms_of(layers: Sequence[caffe_pb2.LayerParameter]) -> dict[str, Trans
     return found
 
 
+def _declared_shape(layer: caffe_pb2.LayerParameter, top_index: int) -> list[int]:
+    """The shape an Input layer declares for its top `top_index` (one shape for all tops, or one each); [] if none."""
+    shapes = layer.input_param.shape
+    if layer.type != "Input" or not shapes:
+        return []
+    return [int(d) for d in (shapes[top_index] if len(shapes) > 1 else shapes[0]).dim]
+
+
 def _batch_size(layer: caffe_pb2.LayerParameter, top_index: int) -> int | None:
     """The batch size a Caffe data layer gives its top `top_index`."""
     if layer.type == "Input":
-        shapes = layer.input_param.shape
-        shape = shapes[top_index] if len(shapes) > 1 else (shapes[0] if shapes else None)
-        return int(shape.dim[0]) if shape is not None and shape.dim else None
+        shape = _declared_shape(layer, top_index)
+        return shape[0] if shape else None
     if layer.type == "DummyData":
         shapes = layer.dummy_data_param.shape
         if shapes:
@@ -95,9 +102,9 @@ def input_shapes(graph_inputs: Mapping[str, Sequence[int]], layers: Sequence[caf
             size = _batch_size(layer, i)
             if size:
                 batch.setdefault(top, size)
-            if layer.type == "Input" and layer.input_param.shape:
-                shapes_ = layer.input_param.shape
-                declared.setdefault(top, list((shapes_[i] if len(shapes_) > 1 else shapes_[0]).dim))
+            shape = _declared_shape(layer, i)
+            if shape:
+                declared.setdefault(top, shape)
     shapes = {}
     for name, dims in graph_inputs.items():
         first = int(dims[0]) if dims and int(dims[0]) > 0 else batch.get(name)

@@ -141,14 +141,17 @@ def normalized(ctx: LayerContext, total: str, mode: int, full: Count, valid: Cou
 
 
 def label_loss(ctx: LayerContext, per_label: str, labels: str, mask: str | None, inner: int,
-               p: caffe_pb2.LossParameter) -> None:
-    """Top 0 of a loss over class labels: ignored labels' terms zeroed, summed, normalised (VALID by default)."""
+               p: caffe_pb2.LossParameter, default: int = Mode.VALID) -> None:
+    """Top 0 of a loss over labels: ignored labels' terms zeroed, summed, normalised (`default` when unset).
+
+    `labels` has one entry per term (its size is FULL's count), `inner` entries per num (BATCH_SIZE's).
+    """
     if mask is not None:
         per_label = ctx.node("Where", [mask, per_label, ctx.const(np.array(0.0, dtype=np.float32), "zero")])
     normalized(
         ctx,
         reduce_sum(ctx, per_label),
-        normalization_mode(p, Mode.VALID),
+        normalization_mode(p, default),
         full=lambda: float_count(ctx, labels),
         valid=lambda: float_count(ctx, labels) if mask is None else count_true(ctx, mask),
         batch=lambda: float_count(ctx, labels, inner),
@@ -199,16 +202,7 @@ def convert_sigmoid_cross_entropy_loss(layer: caffe_pb2.LayerParameter, ctx: Lay
     per = ctx.node("Add", [ctx.node("Sub", [ctx.node("Relu", [x]), ctx.node("Mul", [x, t])]), soft])
     p = layer.loss_param
     mask = valid_mask(ctx, int_labels(ctx, t), p.ignore_label) if p.HasField("ignore_label") else None
-    if mask is not None:
-        per = ctx.node("Where", [mask, per, ctx.const(np.array(0.0, dtype=np.float32), "zero")])
-    normalized(
-        ctx,
-        reduce_sum(ctx, per),
-        normalization_mode(p, Mode.BATCH_SIZE),
-        full=lambda: float_count(ctx, x),
-        valid=lambda: float_count(ctx, x) if mask is None else count_true(ctx, mask),
-        batch=lambda: float_count(ctx, x, math.prod(x_shape[1:])),
-    )
+    label_loss(ctx, per, x, mask, math.prod(x_shape[1:]), p, Mode.BATCH_SIZE)
 
 
 def class_view(ctx: LayerContext, x: str, shape: Shape, axis: int) -> tuple[str, int, int]:
